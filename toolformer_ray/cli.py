@@ -1,0 +1,228 @@
+"""`toolformer-ray`: one subcommand per stage. User errors print one line (no traceback) and exit 2.
+
+Heavy modules (torch, ray, deepspeed) are imported inside the commands, so `--help` stays instant.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from toolformer_ray.config import Config, load_config
+from toolformer_ray.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Toolformer data generation, fine-tuning, tool-aware decoding and evaluation on Ray.")
+
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (e.g. configs/local.yaml).")
+SetOpt = typer.Option(None, "--set", "-s", help="Override a config value: key.path=value (repeatable).")
+
+
+def _config(config: Optional[Path], overrides: Optional[list[str]], extra: Optional[list[str]] = None) -> Config:
+    return load_config(config, list(overrides or []) + list(extra or []))
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def generate(
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+    input: Optional[str] = typer.Option(None, "--input", "-i", help="Corpus file, directory or prefix (local or s3://)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Output directory (local or s3://)."),
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", help="Only the first N documents."),
+    no_ray: bool = typer.Option(False, "--no-ray", help="Run the core in this process, without Ray (profiling, debugging)."),
+):
+    """Annotate a corpus with API calls (sample -> execute -> filter -> merge) and write the tables + report."""
+    extra = []
+    if input is not None:
+        extra.append(f"corpus.input={input}")
+    if output is not None:
+        extra.append(f"run.output={output}")
+    if limit is not None:
+        extra.append(f"corpus.limit={limit}")
+    cfg = _config(config, overrides, extra)
+    from toolformer_ray.generate import run_generate
+
+    summary = run_generate(cfg, use_ray=not no_ray)
+    typer.echo(summary.describe())
+
+
+@app.command()
+def finetune(
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+    data: Optional[str] = typer.Option(None, "--data", help="Augmented corpus (a generate run's output)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Where checkpoints and the model go."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps."),
+):
+    """Fine-tune the model on the augmented corpus with DeepSpeed ZeRO under Ray Train."""
+    extra = []
+    if data is not None:
+        extra.append(f"finetune.data={data}")
+    if output is not None:
+        extra.append(f"finetune.output={output}")
+    if max_steps is not None:
+        extra.append(f"finetune.max_steps={max_steps}")
+    cfg = _config(config, overrides, extra)
+    from toolformer_ray.finetune import run_finetune
+
+    result = run_finetune(cfg)
+    typer.echo(result.describe())
+
+
+@app.command()
+def infer(
+    prompts: list[str] = typer.Argument(..., help="Prompts to continue (use - to read one per line from stdin)."),
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model directory (default: the config's model)."),
+    mode: str = typer.Option("tools", help="tools | disabled | forced"),
+    tools: Optional[list[str]] = typer.Option(None, "--tool", "-t", help="Allowed tools (default: the config's)."),
+    date: Optional[str] = typer.Option(None, help="Today's date for Calendar (ISO; default: today)."),
+):
+    """Tool-aware decoding: generate, pausing to run a tool whenever the model writes a call."""
+    extra = [f"model.path={model}"] if model else []
+    cfg = _config(config, overrides, extra)
+    if prompts == ["-"]:
+        prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    from toolformer_ray.inference import run_infer
+
+    for transcript in run_infer(cfg, prompts, mode=mode, tools=tools, date=date):
+        typer.echo(transcript.describe())
+
+
+@app.command("eval")
+def evaluate(
+    task: list[str] = typer.Option(..., "--task", help="math | lama | qa | temporal (repeatable)."),
+    data: list[str] = typer.Option(..., "--data", help="Data file for each --task, in the same order."),
+    model: list[str] = typer.Option(None, "--model", "-m", help="Model directories (repeatable; default: the config's)."),
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+    modes: list[str] = typer.Option(["tools", "disabled"], "--mode", help="Decoding modes to compare."),
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", help="First N examples per task."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Where the table, JSON and chart go."),
+):
+    """The paper's zero-shot evaluation, with and without tools: prints a table, writes JSON and a chart."""
+    if len(task) != len(data):
+        _fail("give one --data per --task")
+    extra = [f"eval.limit={limit}"] if limit is not None else []
+    if output:
+        extra.append(f"eval.output={output}")
+    cfg = _config(config, overrides, extra)
+    from toolformer_ray.evaluation import run_eval
+
+    report = run_eval(cfg, tasks=dict(zip(task, data)), models=list(model or []), modes=list(modes))
+    typer.echo(report.describe())
+
+
+@app.command()
+def index(
+    passages: str = typer.Argument(..., help="Passages jsonl ({id,title,text}); local or s3://."),
+    output: str = typer.Argument(..., help="Index directory to write; local or s3://."),
+):
+    """Build the BM25 index that WikiSearch and QA workers load."""
+    from toolformer_ray.tools.search_index import build_index
+
+    stats = build_index(passages, output)
+    typer.echo(f"indexed {stats['passages']} passages into {output}")
+
+
+@app.command()
+def tool(
+    name: str = typer.Argument(..., help="Tool name, e.g. Calculator."),
+    input: str = typer.Argument("", help="The call's input, e.g. '400/1400'."),
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+    date: Optional[str] = typer.Option(None, help="Document date for Calendar (ISO)."),
+):
+    """Run one tool on one input and print its result (or why there is none)."""
+    cfg = _config(config, overrides)
+    from toolformer_ray.tools import build_tool
+
+    options = cfg.tools[name].options if name in cfg.tools else {}
+    try:
+        t = build_tool(name, options)
+    except KeyError as e:
+        raise UserError(str(e.args[0])) from None
+    result = t.run([input], dates=[date])[0]
+    if result is None:
+        typer.echo(f"{name}({input}) -> no result")
+        raise typer.Exit(1)
+    typer.echo(result)
+
+
+@app.command()
+def bench(
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+    which: list[str] = typer.Option(["throughput", "bruteforce", "decoding"], "--which",
+                                    help="throughput | bruteforce | decoding | scaling (repeatable)."),
+    docs: int = typer.Option(32, help="Documents to time."),
+    output: str = typer.Option("benchmarks/results", help="Where the JSON goes."),
+):
+    """Benchmarks: throughput vs forward-pass roofline, fast vs brute force, KV-resume decoding, scaling."""
+    cfg = _config(config, overrides)
+    from toolformer_ray.bench import run_bench
+
+    run_bench(cfg, which=list(which), docs=docs, output=output)
+
+
+@app.command("model")
+def model_info(
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+):
+    """Resolve (and convert once, if needed) the configured model; print its directory and revision."""
+    cfg = _config(config, overrides)
+    from toolformer_ray.models import load_from_config
+
+    lm = load_from_config(cfg.model)
+    n = sum(p.numel() for p in lm.model.parameters())
+    typer.echo(f"{lm.path}\nrevision {lm.revision}, dtype {lm.dtype}, {n / 1e6:.1f}M parameters")
+
+
+@app.command("config")
+def show_config(
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+):
+    """Print the resolved config and its hash."""
+    from toolformer_ray.config import dump_config
+
+    cfg = _config(config, overrides)
+    typer.echo(dump_config(cfg))
+    typer.echo(f"# config_hash: {cfg.config_hash()}")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except (UserError, FileNotFoundError) as e:
+        _fail_plain(str(e))
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as e:  # click usage errors carry their own exit code and message
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+def _fail_plain(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

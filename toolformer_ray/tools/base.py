@@ -1,0 +1,54 @@
+"""The tool interface: a name, a few-shot prompt, a pre-filter and a batched `run`.
+
+A tool is stateless apart from read-only resources (an index, a model) loaded once per worker in
+`__init__`. `run` never raises for bad input: it returns None ("no result") for that input.
+"""
+from __future__ import annotations
+
+import hashlib
+from importlib import resources
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from toolformer_ray.core.types import Document
+
+
+class ToolOptions(BaseModel):
+    """Tool-specific options (the `options:` mapping of a tool's config). Unknown keys are errors."""
+    model_config = ConfigDict(extra="forbid")
+
+
+class Tool:
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"  # part of the result-cache key: bump when results change
+    Options: ClassVar[type[ToolOptions]] = ToolOptions
+    uses_date: ClassVar[bool] = False  # results depend on the document's date (Calendar)
+    takes_input: ClassVar[bool] = True  # False: the call is `Tool()` (Calendar)
+
+    def __init__(self, options: dict[str, Any] | None = None):
+        self.options = self.Options.model_validate(options or {})
+
+    # -- data generation -------------------------------------------------------------------------
+    def prompt(self) -> str:
+        """The few-shot prompt P_tool: instructions and examples, with `{text}` where the document goes."""
+        return resources.files("toolformer_ray.prompts").joinpath(f"{self.name.lower()}.txt").read_text()
+
+    def prefilter(self, doc: Document) -> bool:
+        """Appendix A.1 heuristics: is this document worth sampling calls for?"""
+        return True
+
+    # -- execution ---------------------------------------------------------------------------------
+    def run(self, inputs: list[str], dates: list[str | None] | None = None) -> list[str | None]:
+        """Results for a batch of call inputs; None = no result. `dates` are ISO dates for tools with uses_date."""
+        raise NotImplementedError
+
+    def cache_key(self, inp: str, date: str | None = None) -> str:
+        key = f"{self.name}\x00{self.version}\x00{inp}\x00{date if self.uses_date else ''}"
+        return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def stable_fraction(*parts: str) -> float:
+    """A deterministic number in [0, 1) from strings, for sampled pre-filters that must survive a resume."""
+    h = hashlib.sha256("\x00".join(parts).encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64
