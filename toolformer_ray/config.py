@@ -63,7 +63,11 @@ class CorpusConfig(Section):
     url_field: str | None = "url"
     max_doc_tokens: int = Field(256, gt=8)  # longer records are split at sentence boundaries
     max_record_chars: int = Field(1_000_000, gt=0)  # longer records are quarantined
-    limit: int | None = None  # first N documents (quick runs)
+    limit: int | None = Field(None, gt=0)  # first N documents (quick runs)
+    # Parquet files larger than this are read as one shard per row group. Shard ids (and so the `shard`
+    # column) depend on it, so it is hashed: changing it starts a new output version instead of
+    # redoing the same rows under new shard ids.
+    parquet_split_bytes: int = Field(128 * 2**20, gt=0)
     not_hashed: ClassVar[frozenset[str]] = frozenset({"input", "limit"})
 
 
@@ -150,17 +154,50 @@ class FinetuneConfig(Section):
 
 class InferenceConfig(Section):
     top_k_start: int = Field(10, gt=0)  # a call starts when the API-start token is among the top k
-    max_calls: int = Field(1, ge=0)
-    max_new_tokens: int = Field(64, gt=0)
-    batch_size: int = Field(16, gt=0)
-    not_hashed: ClassVar[frozenset[str]] = frozenset({"batch_size"})
+    max_calls: int = Field(1, ge=0)  # calls per input (paper: 1); then p(API-start) = 0
+    max_new_tokens: int = Field(64, gt=0)  # tokens the model writes (tool results not counted)
+    max_call_tokens: int = Field(40, gt=0)  # a call without "->" or "]" by then is closed as malformed
+    temperature: float = Field(0.0, ge=0.0)  # 0 = greedy (the paper); > 0 samples (seeded by run.seed)
+    stop: list[str] = []  # strings that end an output (looked for in the text without calls)
+    batch_size: int = Field(16, gt=0)  # rows decoding together (continuous batching)
+    # "kv": resume from the kept KV cache after a tool result; "reencode": re-encode the whole batch from its
+    # tokens after each call (the baseline of the decoding benchmark).
+    resume: Literal["kv", "reencode"] = "kv"
+    # False: the calls of one step run together (one batched run per tool, tools in parallel threads) and the
+    # batch waits; exactly reproducible. True: a row waiting on a tool feeds masked placeholder positions
+    # while the others keep decoding (for slow tools); outputs may then differ in float rounding between runs.
+    async_tools: bool = False
+    tool_threads: int = Field(4, gt=0)
+    tool_timeout_s: float = Field(30.0, gt=0)  # a tool slower than this gives an empty result
+    not_hashed: ClassVar[frozenset[str]] = frozenset(
+        {"batch_size", "resume", "async_tools", "tool_threads", "tool_timeout_s"})
+
+
+def _default_prompts() -> dict[str, str]:
+    # Zero-shot prompts; {question} is the example's question (for LAMA: the statement up to the mask).
+    return {
+        "math": "Question: {question}\nAnswer:",
+        "lama": "{question}",
+        "qa": "Question: {question}\nAnswer:",
+        "temporal": "Question: {question}\nAnswer:",
+    }
 
 
 class EvalConfig(Section):
     tasks: list[str] = ["math"]
-    data: dict[str, str] = {}  # task -> path
-    limit: int | None = None
+    data: dict[str, str] = {}  # task -> path (or "dateset[:N[:seed]]" for temporal)
+    limit: int | None = None  # first N examples per task
     output: str = "runs/local/eval"
+    modes: list[str] = ["tools", "disabled"]
+    prompts: dict[str, str] = Field(default_factory=_default_prompts)
+    # Lenient scoring (paper, 4.2): the answer within the first N words of the output.
+    words: dict[str, int] = {"lama": 5, "qa": 20, "temporal": 20}
+    # Tools the model may not call per task (paper: no WikiSearch for LAMA, no QA tool for QA).
+    disallowed_tools: dict[str, list[str]] = {"lama": ["WikiSearch"], "qa": ["QA"]}
+    stop: list[str] = ["\n"]  # an output ends at its first line break (after leading whitespace)
+    max_new_tokens: int | None = None  # None: inference.max_new_tokens
+    dateset_size: int = Field(500, gt=0)  # examples of a generated Dateset ("dateset" as the data path)
+    perplexity_max_length: int = Field(1024, gt=8)
     not_hashed: ClassVar[frozenset[str]] = frozenset({"data", "limit", "output"})
 
 

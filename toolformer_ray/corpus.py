@@ -1,0 +1,575 @@
+"""Corpus input: a file, directory or s3:// prefix -> shards -> documents (+ quarantine rows).
+
+A shard is a whole file, or one row group of a large Parquet file. Its `shard_id` is a hash of the file's
+bytes (plus the row-group index), so a nightly run recognises the shards it has done by content, not by
+name or file time; a file rewritten with the same bytes is the same shard.
+
+Formats (by extension, or all files as `corpus.format`; .gz/.bz2/.xz/.zst compression is inferred):
+  jsonl    .jsonl .ndjson .json   one JSON object per line; blank lines are skipped
+  parquet  .parquet .pq           one record per row
+  text     .txt .text             one record per paragraph (lines up to a blank line); source id
+                                  "<file>:<first line>". Paragraphs, not whole files: a book-sized file
+                                  would otherwise be one record over `max_record_chars`.
+
+Records that cannot be used go to the quarantine table with the reason and their raw bytes (bad JSON, not
+an object, no/empty/non-string text, invalid UTF-8, over-long, a bad id, duplicate text within the shard);
+nothing is dropped silently and nothing is fatal. Each record's text is split into documents of at most
+`max_doc_tokens` tokens, at sentence boundaries where possible, at token boundaries inside a longer sentence.
+"""
+from __future__ import annotations
+
+import base64
+import bisect
+import datetime as dt
+import hashlib
+import io
+import json
+import logging
+import re
+import unicodedata
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.utils import infer_compression
+
+from toolformer_ray.core.types import Document
+from toolformer_ray.errors import UserError
+from toolformer_ray.storage import unit_id
+
+log = logging.getLogger(__name__)
+
+_EXTENSIONS = {
+    ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
+    ".parquet": "parquet", ".pq": "parquet",
+    ".txt": "text", ".text": "text",
+}
+_COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
+SHARD_ID_CHARS = 24  # hex digits of sha256 (96 bits)
+DOC_ID_CHARS = 32  # 128 bits: no collision in any corpus we will see
+
+
+class CorpusError(UserError, ValueError):
+    """Bad corpus input (missing path, unknown format, a file that changed while the job ran)."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    shard_id: str  # content hash of the file (+ "-rg<i>" for a row-group shard)
+    uri: str  # the file (local path or s3://...)
+    fmt: str  # "jsonl" | "parquet" | "text"
+    name: str  # path relative to the listed input: used in "<file>:<line>" source ids
+    size: int  # bytes of the file
+    content_hash: str  # sha256 of the whole file, checked again when the shard is read
+    row_group: int | None = None  # Parquet row group, or None for the whole file
+    row_offset: int = 0  # rows of the file before this row group (row numbers in source ids)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Shard":
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """A shard to process, whole (`max_docs` None) or only its first `max_docs` documents (under a limit).
+
+    A partial shard must not be committed as complete: storage commits it under `unit_id`."""
+    shard: Shard
+    max_docs: int | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.max_docs is None
+
+    @property
+    def unit_id(self) -> str:
+        return unit_id(self.shard.shard_id, self.max_docs)
+
+
+# ----------------------------------------------------------------------------------------------- listing
+
+def _detect_format(path: str, fmt: str) -> str | None:
+    name = path.rsplit("/", 1)[-1].lower()
+    for suffix in _COMPRESSION_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    if fmt != "auto":
+        return fmt
+    return next((f for ext, f in _EXTENSIONS.items() if name.endswith(ext)), None)
+
+
+def _hidden(rel: str) -> bool:
+    # _SUCCESS, _committed/, .part files, .DS_Store: not data, by the usual convention (Spark, pyarrow).
+    return any(part.startswith((".", "_")) for part in rel.split("/"))
+
+
+def _fingerprint(path: str, info: dict) -> str:
+    # What identifies a file version without reading it: key for the optional hash cache.
+    version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+    return f"{path}|{info.get('size')}|{version}"
+
+
+def _sha256_file(fs, path: str) -> str:
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def list_shards(uri: str, fmt: str = "auto", storage_options: dict | None = None,
+                parquet_split_bytes: int = 128 * 2**20, hash_cache: dict[str, str] | None = None) -> list[Shard]:
+    """The shards of a file, a directory (recursive) or an s3:// prefix, in path order.
+
+    Hidden files and files whose names start with "_" are skipped; in a directory, files of unknown
+    extension are skipped with a warning (a single named file must have a known format). Files with
+    identical bytes are one shard (the first path wins). `hash_cache` (fingerprint -> sha256, updated in
+    place) lets a nightly run avoid re-reading files it has hashed before; without it every file is read.
+    """
+    if fmt not in ("auto", "jsonl", "parquet", "text"):
+        raise CorpusError(f"unknown corpus format {fmt!r} (auto, jsonl, parquet or text)")
+    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    root = root.rstrip("/") or root
+    if not fs.exists(root):
+        raise CorpusError(f"corpus input not found: {uri}")
+    keep_protocol = "://" in uri
+
+    if fs.isdir(root):
+        infos = fs.find(root, detail=True)
+        entries = []
+        for path in sorted(infos):
+            if infos[path].get("type") == "directory":
+                continue
+            rel = path[len(root):].lstrip("/")
+            if _hidden(rel):
+                continue
+            file_fmt = _detect_format(path, fmt)
+            if file_fmt is None:
+                log.warning("corpus: skipping %s (unknown extension; set corpus.format to read it)", path)
+                continue
+            entries.append((path, rel, file_fmt, infos[path]))
+        if not entries:
+            raise CorpusError(f"no corpus files (.jsonl, .parquet, .txt, optionally compressed) under {uri}")
+    else:
+        file_fmt = _detect_format(root, fmt)
+        if file_fmt is None:
+            raise CorpusError(f"cannot tell the format of {uri} from its extension; set corpus.format")
+        entries = [(root, root.rsplit("/", 1)[-1], file_fmt, fs.info(root))]
+
+    shards: list[Shard] = []
+    seen: dict[str, str] = {}
+    for path, rel, file_fmt, info in entries:
+        file_uri = fs.unstrip_protocol(path) if keep_protocol else path
+        key = _fingerprint(file_uri, info)
+        digest = hash_cache.get(key) if hash_cache is not None else None
+        if digest is None:
+            digest = _sha256_file(fs, path)
+            if hash_cache is not None:
+                hash_cache[key] = digest
+        if digest in seen:
+            log.warning("corpus: %s has the same bytes as %s; read once", file_uri, seen[digest])
+            continue
+        seen[digest] = file_uri
+        base_id = digest[:SHARD_ID_CHARS]
+        size = int(info.get("size") or 0)
+        if file_fmt == "parquet" and infer_compression(path) is not None:
+            raise CorpusError(f"{file_uri}: Parquet files are compressed inside; an outer {path.rsplit('.', 1)[-1]} "
+                              "is not supported")
+        if file_fmt == "parquet" and size > parquet_split_bytes:
+            with fs.open(path, "rb") as f:
+                meta = pq.ParquetFile(f).metadata
+            if meta.num_row_groups > 1:
+                offset = 0
+                for i in range(meta.num_row_groups):
+                    shards.append(Shard(f"{base_id}-rg{i}", file_uri, file_fmt, rel, size, digest, i, offset))
+                    offset += meta.row_group(i).num_rows
+                continue
+        shards.append(Shard(base_id, file_uri, file_fmt, rel, size, digest))
+    return shards
+
+
+def plan_shards(shards: list[Shard], corpus_cfg, tokenizer, limit: int | None = None,
+                storage_options: dict | None = None) -> list[ShardPlan]:
+    """Which shards to process: all of them, or under `limit` the first `limit` documents over the shards
+    in order. The shards this reads to count documents are read again by the workers; a limit is for
+    quick runs, so that costs little. The last shard touched is partial unless the limit ends exactly at
+    its end."""
+    if limit is None:
+        return [ShardPlan(s) for s in shards]
+    plans, remaining = [], limit
+    for shard in shards:
+        if remaining <= 0:
+            break
+        docs, _ = read_shard(shard, corpus_cfg, tokenizer, max_docs=remaining + 1, storage_options=storage_options)
+        if len(docs) <= remaining:
+            plans.append(ShardPlan(shard))
+            remaining -= len(docs)
+        else:
+            plans.append(ShardPlan(shard, remaining))
+            remaining = 0
+    return plans
+
+
+# ----------------------------------------------------------------------------------------------- records
+
+@dataclass
+class _Record:
+    locator: str  # "<file>:<line>" or "<file>:<row>"
+    raw: bytes  # the record's bytes, kept whole for the quarantine table
+    fields: dict | None  # parsed record, or None when `error` says why not
+    error: str | None = None
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray)):
+        return "base64:" + base64.b64encode(bytes(value)).decode()
+    if isinstance(value, (dt.date, dt.datetime, dt.time)):
+        return value.isoformat()
+    return str(value)
+
+
+def _read_bytes(shard: Shard, storage_options: dict | None) -> bytes:
+    fs, path = fsspec.core.url_to_fs(shard.uri, **(storage_options or {}))
+    with fs.open(path, "rb") as f:
+        data = f.read()
+    if hashlib.sha256(data).hexdigest() != shard.content_hash:
+        raise CorpusError(f"{shard.uri} changed since it was listed (its bytes no longer hash to shard "
+                          f"{shard.shard_id}); list the input again")
+    compression = infer_compression(path)
+    if compression:
+        with fsspec.compression.compr[compression](io.BytesIO(data)) as f:
+            data = f.read()
+    return data
+
+
+def _jsonl_records(data: bytes, shard: Shard, max_raw: int) -> Iterator[_Record]:
+    for line_no, line in enumerate(data.split(b"\n"), 1):
+        line = line.rstrip(b"\r")
+        if not line.strip():
+            continue  # blank lines carry no record
+        locator = f"{shard.name}:{line_no}"
+        if len(line) > max_raw:
+            yield _Record(locator, line, None, f"over-long record: {len(line)} bytes")
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield _Record(locator, line, None, f"invalid UTF-8 at byte {e.start}")
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            yield _Record(locator, line, None, f"bad JSON: {e.msg} at column {e.colno}")
+            continue
+        if not isinstance(obj, dict):
+            yield _Record(locator, line, None, f"record is a JSON {type(obj).__name__}, expected an object")
+            continue
+        yield _Record(locator, line, obj)
+
+
+def _text_records(data: bytes, shard: Shard, max_raw: int) -> Iterator[_Record]:
+    def emit(start_line: int, lines: list[bytes]) -> _Record:
+        raw = b"\n".join(lines)
+        locator = f"{shard.name}:{start_line}"
+        if len(raw) > max_raw:
+            return _Record(locator, raw, None, f"over-long record: {len(raw)} bytes")
+        try:
+            return _Record(locator, raw, {"text": raw.decode("utf-8")})
+        except UnicodeDecodeError as e:
+            return _Record(locator, raw, None, f"invalid UTF-8 at byte {e.start}")
+
+    lines: list[bytes] = []
+    start = 0
+    for line_no, line in enumerate(data.split(b"\n"), 1):
+        line = line.rstrip(b"\r")
+        if line.strip():
+            if not lines:
+                start = line_no
+            lines.append(line)
+        elif lines:
+            yield emit(start, lines)
+            lines = []
+    if lines:
+        yield emit(start, lines)
+
+
+def _parquet_records(shard: Shard, storage_options: dict | None) -> Iterator[_Record]:
+    if shard.row_group is None:
+        table = pq.read_table(pa.BufferReader(_read_bytes(shard, storage_options)))
+    else:
+        # Row-group shards read only their byte ranges; the footer's row count guards against a changed file.
+        fs, path = fsspec.core.url_to_fs(shard.uri, **(storage_options or {}))
+        with fs.open(path, "rb") as f:
+            if fs.size(path) != shard.size:
+                raise CorpusError(f"{shard.uri} changed since it was listed; list the input again")
+            table = pq.ParquetFile(f).read_row_group(shard.row_group)
+    # Strings are read as bytes and decoded here, so one row of invalid UTF-8 is quarantined, not fatal.
+    string_cols = [name for name, typ in zip(table.column_names, table.schema.types)
+                   if pa.types.is_string(typ) or pa.types.is_large_string(typ)]
+    for name in string_cols:
+        i = table.column_names.index(name)
+        table = table.set_column(i, name, table.column(name).cast(pa.large_binary()))
+    row_no = shard.row_offset
+    for batch in table.to_batches(max_chunksize=4096):
+        for row in batch.to_pylist():
+            locator = f"{shard.name}:{row_no}"
+            row_no += 1
+            error = None
+            for name in string_cols:
+                if row[name] is None:
+                    continue
+                try:
+                    row[name] = row[name].decode("utf-8")
+                except UnicodeDecodeError as e:
+                    error = error or f"invalid UTF-8 in field {name!r} at byte {e.start}"
+            raw = json.dumps(row, default=_json_default, ensure_ascii=False).encode("utf-8", "surrogatepass")
+            yield _Record(locator, raw, None if error else row, error)
+
+
+def _records(shard: Shard, corpus_cfg, storage_options: dict | None) -> Iterator[_Record]:
+    # Raw-size guard: a record's text is at most max_record_chars characters, i.e. <= 4 bytes each,
+    # plus room for the other fields; anything bigger is not parsed at all.
+    max_raw = 4 * corpus_cfg.max_record_chars + 65536
+    if shard.fmt == "jsonl":
+        yield from _jsonl_records(_read_bytes(shard, storage_options), shard, max_raw)
+    elif shard.fmt == "text":
+        yield from _text_records(_read_bytes(shard, storage_options), shard, max_raw)
+    elif shard.fmt == "parquet":
+        yield from _parquet_records(shard, storage_options)
+    else:
+        raise CorpusError(f"unknown shard format {shard.fmt!r}")
+
+
+# ------------------------------------------------------------------------------------ fields -> documents
+
+_ISO_DATE = re.compile(r"(?<!\d)(\d{4})[-/](\d{1,2})[-/](\d{1,2})(?!\d)")
+
+
+def _valid_date(match: re.Match) -> str | None:
+    try:
+        return dt.date(int(match[1]), int(match[2]), int(match[3])).isoformat()
+    except ValueError:
+        return None
+
+
+def parse_date(value: Any) -> str | None:
+    """ISO yyyy-mm-dd from a date field value (an ISO string, possibly with a time, or a date object)."""
+    if isinstance(value, dt.datetime):
+        return value.date().isoformat()
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    if isinstance(value, str):
+        m = re.match(r"\s*(\d{4})-(\d{1,2})-(\d{1,2})(?!\d)", value)
+        return _valid_date(m) if m else None
+    return None
+
+
+def date_from_url(url: Any) -> str | None:
+    """The first valid date in a URL path, like /2023/01/30/ or 2023-01-30."""
+    if not isinstance(url, str):
+        return None
+    for m in _ISO_DATE.finditer(url):
+        if (date := _valid_date(m)) is not None:
+            return date
+    return None
+
+
+def normalize_text(text: str) -> str:
+    """NFC, whitespace runs collapsed to one space, ends stripped: what `doc_id` hashes."""
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def doc_id_for(text: str) -> str:
+    return hashlib.sha256(normalize_text(text).encode("utf-8")).hexdigest()[:DOC_ID_CHARS]
+
+
+def _check_fields(fields: dict, locator: str, text_field: str, id_field: str | None,
+                  max_chars: int) -> tuple[str | None, str, str | None]:
+    """(text, source_id, error) for one parsed record."""
+    source_id = locator
+    if id_field:
+        rid = fields.get(id_field)
+        if isinstance(rid, bool) or (rid is not None and not isinstance(rid, (str, int))):
+            return None, locator, f"field {id_field!r} is {type(rid).__name__}, expected a string or integer"
+        if rid is not None and str(rid).strip():
+            source_id = str(rid)
+    if text_field not in fields:
+        return None, source_id, f"no {text_field!r} field"
+    text = fields[text_field]
+    if isinstance(text, (bytes, bytearray)):  # a binary Parquet column
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as e:
+            return None, source_id, f"invalid UTF-8 in field {text_field!r} at byte {e.start}"
+    if text is None:
+        return None, source_id, f"field {text_field!r} is null"
+    if not isinstance(text, str):
+        return None, source_id, f"field {text_field!r} is {type(text).__name__}, expected a string"
+    if not text.strip():
+        return None, source_id, "empty text"
+    if len(text) > max_chars:
+        return None, source_id, (f"over-long record: text has {len(text)} characters, more than "
+                                 f"corpus.max_record_chars={max_chars}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return None, source_id, "text is not valid Unicode (lone surrogate escape)"
+    return text, source_id, None
+
+
+def _meta(fields: dict, corpus_cfg, text_field: str) -> dict:
+    drop = {text_field, corpus_cfg.id_field}
+    meta = {k: v for k, v in fields.items() if k not in drop}
+    # JSON-safe (dates, bytes from Parquet) so the documents table can store it as JSON.
+    return json.loads(json.dumps(meta, default=_json_default, ensure_ascii=False))
+
+
+def read_shard(shard: Shard, corpus_cfg, tokenizer, max_docs: int | None = None,
+               storage_options: dict | None = None) -> tuple[list[Document], list[dict]]:
+    """The shard's documents (in record order; at most `max_docs`) and its quarantine rows
+    (schema.QUARANTINE_SCHEMA) for the records read. A document whose text already occurred in the shard
+    is quarantined as a duplicate (same doc_id), so doc_id is unique within a shard."""
+    docs: list[Document] = []
+    quarantine: list[dict] = []
+    first_source: dict[str, str] = {}
+    text_field = "text" if shard.fmt == "text" else corpus_cfg.text_field
+
+    def reject(source_id: str, reason: str, raw: bytes) -> None:
+        quarantine.append({"shard": shard.shard_id, "source_id": source_id, "reason": reason, "raw": raw})
+
+    for rec in _records(shard, corpus_cfg, storage_options):
+        if max_docs is not None and len(docs) >= max_docs:
+            break
+        if rec.error is not None:
+            reject(rec.locator, rec.error, rec.raw)
+            continue
+        is_text = shard.fmt == "text"  # a paragraph: no id, date or other fields
+        text, source_id, error = _check_fields(
+            rec.fields, rec.locator, text_field, None if is_text else corpus_cfg.id_field,
+            corpus_cfg.max_record_chars)
+        if error is not None:
+            reject(source_id, error, rec.raw)
+            continue
+        meta, date = {}, None
+        if not is_text:
+            try:
+                meta = _meta(rec.fields, corpus_cfg, text_field)
+                json.dumps(meta, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                reject(source_id, "a field is not valid Unicode (lone surrogate escape)", rec.raw)
+                continue
+            if corpus_cfg.date_field:
+                date = parse_date(rec.fields.get(corpus_cfg.date_field))
+            if date is None and corpus_cfg.url_field:
+                date = date_from_url(rec.fields.get(corpus_cfg.url_field))
+        for piece in split_text(text, tokenizer, corpus_cfg.max_doc_tokens):
+            if max_docs is not None and len(docs) >= max_docs:
+                break
+            doc_id = doc_id_for(piece)
+            if doc_id in first_source:
+                reject(source_id, f"duplicate text: document {doc_id} already read from {first_source[doc_id]}",
+                       piece.encode("utf-8"))
+                continue
+            first_source[doc_id] = source_id
+            docs.append(Document(doc_id=doc_id, text=piece, source_id=source_id, shard=shard.shard_id,
+                                 date=date, meta=meta))
+    return docs, quarantine
+
+
+# --------------------------------------------------------------------------------------- splitting
+
+# Gaps between sentences: whitespace after . ! ? … (optionally closed by a quote or bracket), after a CJK
+# full stop, or around a line break. Gaps are whitespace only, so no visible text is lost at a cut.
+_SENTENCE_GAP = re.compile(r"(?:(?<=[.!?…])|(?<=[.!?…][\"'”’)\]]))\s+|(?<=[。！？])\s*|\s*\n\s*")
+
+
+def _sentence_spans(text: str) -> list[tuple[int, int]]:
+    spans, prev = [], 0
+    for m in _SENTENCE_GAP.finditer(text):
+        spans.append((prev, m.start()))
+        prev = m.end()
+    spans.append((prev, len(text)))
+    out = []
+    for a, b in spans:
+        while a < b and text[a].isspace():
+            a += 1
+        while b > a and text[b - 1].isspace():
+            b -= 1
+        if a < b:
+            out.append((a, b))
+    return out
+
+
+def _n_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _strip_span(text: str, a: int, b: int) -> tuple[int, int]:
+    while a < b and text[a].isspace():
+        a += 1
+    while b > a and text[b - 1].isspace():
+        b -= 1
+    return a, b
+
+
+def split_text(text: str, tokenizer, max_tokens: int) -> list[str]:
+    """Cut `text` into pieces of at most `max_tokens` tokens (counted without special tokens): whole
+    sentences packed greedily, a sentence longer than the limit cut at token boundaries. Pieces are
+    stripped of outer whitespace; only whitespace is lost at the cuts. Every piece is counted exactly
+    (estimates from the whole text's token offsets only choose where to cut)."""
+    text = text.strip()
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if len(enc["input_ids"]) <= max_tokens:
+        return [text] if text else []
+    starts = [s for s, _ in enc["offset_mapping"]]
+
+    def estimate(a: int, b: int) -> int:  # tokens of the whole text that start inside [a, b)
+        return bisect.bisect_left(starts, b) - bisect.bisect_left(starts, a)
+
+    spans = _sentence_spans(text)
+    pieces: list[str] = []
+    i = 0
+    while i < len(spans):
+        j = i
+        while j + 1 < len(spans) and estimate(spans[i][0], spans[j + 1][1]) <= max_tokens:
+            j += 1
+        while True:
+            a, b = spans[i][0], spans[j][1]
+            if _n_tokens(tokenizer, text[a:b]) <= max_tokens:
+                pieces.append(text[a:b])
+                break
+            if j > i:
+                j -= 1
+                continue
+            pieces.extend(_split_tokens(text, a, b, starts, tokenizer, max_tokens))
+            break
+        i = j + 1
+    return pieces
+
+
+def _split_tokens(text: str, a: int, b: int, starts: list[int], tokenizer, max_tokens: int) -> list[str]:
+    """Cut text[a:b] (one over-long sentence) at token starts into pieces of at most max_tokens tokens."""
+    # Distinct token start positions inside the span: a character split into several byte tokens has
+    # one start, and a cut can only fall between characters.
+    cuts = sorted({s for s in starts[bisect.bisect_left(starts, a):bisect.bisect_left(starts, b)] if s > a})
+    pieces: list[str] = []
+    pos = a
+    while pos < b:
+        k = bisect.bisect_right(cuts, pos)  # first cut after pos
+        n = max_tokens
+        while True:
+            end = cuts[k + n - 1] if k + n - 1 < len(cuts) else b
+            pa_, pb_ = _strip_span(text, pos, end)
+            if pa_ >= pb_ or _n_tokens(tokenizer, text[pa_:pb_]) <= max_tokens or n == 1:
+                break
+            n -= 1
+        if pa_ < pb_:
+            pieces.append(text[pa_:pb_])
+        pos = end
+    return pieces
