@@ -1,0 +1,142 @@
+"""The method for a batch of documents, in one process: sample -> (execute, outside) -> score -> merge.
+
+`Annotator` holds the model, the tokenizer and each tool's prompt (with its KV cache). The Ray job calls
+`sample` and `score` from its LM actors and runs the tools in between on tool-worker pools; the
+single-process entry point (`generate --no-ray`) calls the same methods with an in-process executor.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from toolformer_ray.api_text import Markers
+from toolformer_ray.core.filtering import ScoredCall, score_candidates
+from toolformer_ray.core.lm import bos_ids, encode
+from toolformer_ray.core.sampling import (Candidate, DecodeRow, TokenizedDoc, ToolPrompt, decode_calls,
+                                          parse_sample, select_positions, start_pass, tokenize_doc)
+from toolformer_ray.core.types import Document
+
+
+@dataclass
+class SampleResult:
+    candidates: list[Candidate]
+    funnel: dict[str, Counter]  # tool -> counters (schema.FUNNEL_KEYS)
+    p_api: dict[str, list[float]] = field(default_factory=dict)  # tool -> p_i of every scored position
+
+
+class Annotator:
+    def __init__(self, model, tokenizer, tools: dict, tool_configs: dict, markers: Markers, *, seed: int = 0,
+                 temperature: float = 1.0, top_p: float = 1.0, max_call_tokens: int = 40, batch_docs: int = 8,
+                 batch_rows: int = 128, prefix_separator: str = "\n", batch_tokens: int = 8192):
+        self.model, self.tokenizer = model, tokenizer
+        self.tools, self.tool_configs, self.markers = tools, tool_configs, markers
+        self.seed, self.temperature, self.top_p = seed, temperature, top_p
+        self.max_call_tokens, self.batch_docs, self.batch_rows = max_call_tokens, batch_docs, batch_rows
+        self.prefix_separator, self.batch_tokens = prefix_separator, batch_tokens
+        self.bos = bos_ids(tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_id = tokenizer.eos_token_id
+        # Without BOS nothing predicts the first token, so L_0(empty) is undefined: position 0 is skipped.
+        self.min_pos = 0 if self.bos else 1
+        self.marker_ids = encode(tokenizer, markers.start)
+        if not self.marker_ids:
+            raise ValueError(f"the start marker {markers.start!r} encodes to no tokens")
+        self.prompts = {name: ToolPrompt.build(name, tool.prompt(), tokenizer, markers, self.bos)
+                        for name, tool in tools.items()}
+
+    @classmethod
+    def from_config(cls, lm, tools: dict, cfg) -> "Annotator":
+        return cls(lm.model, lm.tokenizer, tools, cfg.enabled_tools(), Markers.from_config(cfg.markers),
+                   seed=cfg.run.seed, temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
+                   max_call_tokens=cfg.sampling.max_call_tokens, batch_docs=cfg.sampling.batch_docs,
+                   batch_rows=cfg.sampling.batch_rows, prefix_separator=cfg.filtering.prefix_separator,
+                   batch_tokens=cfg.filtering.batch_tokens)
+
+    def tokenize(self, docs: list[Document]) -> dict[str, TokenizedDoc]:
+        return {d.doc_id: tokenize_doc(self.tokenizer, d.text) for d in docs}
+
+    # ------------------------------------------------------------------------------------------ sample
+    @torch.inference_mode()
+    def sample(self, docs: list[Document]) -> SampleResult:
+        tok_docs = self.tokenize(docs)
+        candidates: list[Candidate] = []
+        funnel: dict[str, Counter] = {}
+        p_api: dict[str, list[float]] = {}
+        for name, tool in self.tools.items():
+            tc = self.tool_configs[name]
+            counts = funnel.setdefault(name, Counter())
+            counts["docs_seen"] += len(docs)
+            chosen = [d for d in docs if len(tok_docs[d.doc_id].ids) > self.min_pos
+                      and (not tc.prefilter or tool.prefilter(d))]
+            counts["docs_prefiltered"] += len(chosen)
+            for s in range(0, len(chosen), self.batch_docs):
+                batch = chosen[s:s + self.batch_docs]
+                candidates += self._sample_batch(name, tool, tc, batch, tok_docs, counts,
+                                                 p_api.setdefault(name, []))
+        return SampleResult(candidates=candidates, funnel=funnel, p_api=p_api)
+
+    def _sample_batch(self, name, tool, tc, batch: list[Document], tok_docs, counts, p_seen) -> list[Candidate]:
+        docs_t = [tok_docs[d.doc_id] for d in batch]
+        sp = start_pass(self.model, self.tokenizer, self.prompts[name], docs_t, [d.text for d in batch],
+                        self.marker_ids[0], self.pad_id)
+        probs = sp.probs
+        if len(self.marker_ids) > 1:
+            probs = self._full_marker_probs(sp, docs_t)
+        selected: list[tuple[int, int]] = []  # (row in batch, position)
+        for b, d in enumerate(docs_t):
+            usable = [probs[b][i] for i in range(self.min_pos, len(d.ids)) if d.char_pos[i] is not None]
+            p_seen += usable
+            counts["positions_above_tau_s"] += sum(p > tc.tau_s for p in usable)
+            selected += [(b, i) for i in select_positions(probs[b], d, tc.tau_s, tc.k, self.min_pos)]
+        counts["positions_sampled"] += len(selected)
+        rows = [DecodeRow(doc=b, ctx_len=sp.doc_offset[b] + i, seed_key=f"{batch[b].doc_id}|{name}|{i}|{j}")
+                for b, i in selected for j in range(tc.m)]
+        counts["calls_sampled"] += len(rows)
+        outs = []
+        for s in range(0, len(rows), self.batch_rows):
+            outs += decode_calls(self.model, self.tokenizer, sp.kv, rows[s:s + self.batch_rows], self.marker_ids,
+                                 self.markers, seed=self.seed, temperature=self.temperature, top_p=self.top_p,
+                                 max_tokens=self.max_call_tokens, eos_id=self.eos_id)
+        found: dict[tuple[int, int], dict[str, Candidate]] = {}
+        for (b, i), out in zip([sel for sel in selected for _ in range(tc.m)], outs):
+            call = parse_sample(out.text, self.markers, name, tool.takes_input)
+            if call is None:
+                continue
+            counts["calls_well_formed"] += 1
+            per_pos = found.setdefault((b, i), {})
+            if call.input in per_pos:
+                per_pos[call.input].n_samples += 1
+            else:
+                per_pos[call.input] = Candidate(doc_id=batch[b].doc_id, tool=name, token_pos=i,
+                                                char_pos=docs_t[b].char_pos[i], p_api=probs[b][i], call=call)
+        result = [c for (b, i) in sorted(found) for c in found[(b, i)].values()]
+        counts["calls_distinct"] += len(result)
+        return result
+
+    def _full_marker_probs(self, sp, docs_t) -> list[list[float]]:
+        """p_i of a multi-token start marker: p(first token) times the later tokens' probabilities, from
+        one batched prefill of the marker at every position (a cache slice per position, nothing re-encoded)."""
+        probs = [list(p) for p in sp.probs]
+        rows = [DecodeRow(doc=b, ctx_len=sp.doc_offset[b] + i, seed_key="")
+                for b, d in enumerate(docs_t) for i in range(len(d.ids))]
+        for s in range(0, len(rows), self.batch_rows):
+            chunk = rows[s:s + self.batch_rows]
+            outs = decode_calls(self.model, self.tokenizer, sp.kv, chunk, self.marker_ids, self.markers,
+                                seed=0, temperature=0.0, top_p=1.0, max_tokens=0, eos_id=None, sample=False)
+            for r, out in zip(chunk, outs):
+                i = r.ctx_len - sp.doc_offset[r.doc]
+                probs[r.doc][i] = sp.probs[r.doc][i] * math.exp(out.marker_logprob)
+        return probs
+
+    # ------------------------------------------------------------------------------------------- score
+    @torch.inference_mode()
+    def score(self, docs: list[Document], candidates: list[Candidate]) -> list[ScoredCall]:
+        """Losses of every candidate that has a result (`Candidate.result` filled by the execute stage)."""
+        wanted = {c.doc_id for c in candidates}
+        tok_docs = self.tokenize([d for d in docs if d.doc_id in wanted])
+        tau_f = {name: tc.tau_f for name, tc in self.tool_configs.items()}
+        return score_candidates(self.model, self.tokenizer, tok_docs, candidates, self.markers,
+                                self.prefix_separator, tau_f, self.bos, self.pad_id, self.batch_tokens)

@@ -1,0 +1,277 @@
+"""Sampling API calls (paper, section 2, "Sampling API Calls").
+
+For a tool with few-shot prompt P and a document x = x_1..x_n:
+  1. one teacher-forced pass over [P(x), x] gives p_i = p(API-start | P(x), x_<i) at every position i of the
+     ORIGINAL document tokens;
+  2. keep I = {i : p_i > tau_s}, the top k of them;
+  3. at each i in I sample up to m calls from [P(x), x_<i, API-start], stopping at the end marker; calls that
+     never close or do not parse are dropped, duplicates merged.
+
+P(x) is "<instructions and examples>Input: x\nOutput: ": the part before the document is the same for every
+document, so its KV cache is computed once per tool and reused; and the context of a call at position i is
+a prefix of step 1's sequence, so sampling starts from step 1's KV cache, sliced at i (nothing is re-encoded).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from toolformer_ray.api_text import ApiCall, Markers, call_closed, find_calls, parse_generated_call, render
+from toolformer_ray.core.lm import (cache_from_layers, cache_layers, encode, hidden_states, logits_from_hidden,
+                                    pad_batch)
+
+LOGIT_CHUNK = 1024  # rows of float32 logits materialised at once (x vocab size)
+
+
+# --------------------------------------------------------------------------------------------- documents
+@dataclass
+class TokenizedDoc:
+    ids: list[int]  # the document's own tokens (encoded alone, no special tokens)
+    char_pos: list[int | None]  # where a call inserted before token i goes in the text; None: mid-character
+
+
+def tokenize_doc(tokenizer, text: str) -> TokenizedDoc:
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    char_pos: list[int | None] = []
+    for i in range(len(ids)):
+        if i == 0:
+            char_pos.append(0)
+            continue
+        prev_end, start = offsets[i - 1][1], offsets[i][0]
+        # A call goes right after the previous token, before any whitespace that belongs to token i
+        # (" Paris" -> "of [Call()] Paris"). Overlapping offsets mean a character split across tokens.
+        ok = prev_end <= start and text[prev_end:start].strip() == ""
+        char_pos.append(prev_end if ok else None)
+    return TokenizedDoc(ids=ids, char_pos=char_pos)
+
+
+# ----------------------------------------------------------------------------------------------- prompts
+def split_prompt(prompt: str, markers: Markers) -> tuple[str, str]:
+    """(text before the document, text between the document's input copy and its output copy).
+
+    Prompt files write example calls with the default markers; they are re-rendered with the configured ones.
+    """
+    default = Markers()
+    if markers != default:
+        out, pos = [], 0
+        for fc in find_calls(prompt, default):
+            out.append(prompt[pos:fc.start])
+            out.append(render(fc.call, markers, fc.result, fc.has_result_marker))
+            pos = fc.end
+        prompt = "".join(out) + prompt[pos:]
+    if prompt.count("{text}") != 1:
+        raise ValueError("a tool prompt must contain {text} exactly once")
+    before, after = prompt.split("{text}")
+    return before, after
+
+
+@dataclass
+class ToolPrompt:
+    """A tool's few-shot prompt, tokenized, with the KV cache of the part shared by all documents."""
+    tool: str
+    prefix_ids: list[int]  # [BOS] + instructions and examples, up to "Input:"
+    suffix_text: str  # "\nOutput:" (between the input copy and the output copy)
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer [1, kv_heads, P, head_dim]
+
+    @classmethod
+    def build(cls, tool: str, prompt: str, tokenizer, markers: Markers, bos: list[int]) -> "ToolPrompt":
+        before, after = split_prompt(prompt, markers)
+        # Trailing spaces move to the next piece, so "Input: The" tokenizes as it would in running text.
+        return cls(tool=tool, prefix_ids=bos + encode(tokenizer, before.rstrip(" ")),
+                   suffix_text=after.rstrip(" "))
+
+    def input_ids(self, tokenizer, text: str) -> list[int]:
+        """The per-document tokens between the shared prefix and the document's output copy."""
+        return encode(tokenizer, " " + text + self.suffix_text)
+
+    @torch.inference_mode()
+    def ensure_kv(self, model) -> None:
+        if self.kv is None:
+            _, cache = hidden_states(model, torch.tensor([self.prefix_ids]), use_cache=True)
+            self.kv = [(k.clone(), v.clone()) for k, v in cache_layers(cache)]
+
+
+# -------------------------------------------------------------------------------------- step 1: p_i pass
+@dataclass
+class StartPass:
+    """Output of the teacher-forced pass for a batch of documents."""
+    probs: list[list[float]]  # p_i (first marker token) for each document position
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer [B, kv_heads, P + L, head_dim]
+    doc_offset: list[int]  # absolute index of document token 0 in each row (P + len(input copy))
+
+
+@torch.inference_mode()
+def start_pass(model, tokenizer, prompt: ToolPrompt, docs: list[TokenizedDoc], texts: list[str],
+               start_id: int, pad_id: int) -> StartPass:
+    prompt.ensure_kv(model)
+    P = len(prompt.prefix_ids)
+    inputs = [prompt.input_ids(tokenizer, t) for t in texts]
+    rows = [inp + d.ids for inp, d in zip(inputs, docs)]
+    ids = pad_batch(rows, pad_id)
+    B = len(rows)
+    cache = cache_from_layers(model, [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in prompt.kv])
+    hidden, cache = hidden_states(model, ids, past_key_values=cache, use_cache=True)
+    # The hidden state at row index len(input)-1+i predicts document token i: p_i = its prob of API-start.
+    row_idx, pos_idx = [], []
+    for b, (inp, d) in enumerate(zip(inputs, docs)):
+        row_idx += [b] * len(d.ids)
+        pos_idx += range(len(inp) - 1, len(inp) - 1 + len(d.ids))
+    flat = hidden[torch.tensor(row_idx, dtype=torch.long), torch.tensor(pos_idx, dtype=torch.long)]
+    p_flat = torch.cat([torch.softmax(logits_from_hidden(model, flat[s:s + LOGIT_CHUNK]), -1)[:, start_id]
+                        for s in range(0, len(flat), LOGIT_CHUNK)]) if len(flat) else torch.zeros(0)
+    p_list = p_flat.double().tolist()
+    probs, k = [], 0
+    for d in docs:
+        probs.append(p_list[k:k + len(d.ids)])
+        k += len(d.ids)
+    return StartPass(probs=probs, kv=cache_layers(cache), doc_offset=[P + len(inp) for inp in inputs])
+
+
+# ----------------------------------------------------------------------------------- step 2: positions
+def select_positions(probs: list[float], doc: TokenizedDoc, tau_s: float, k: int, min_pos: int) -> list[int]:
+    """I = {i : p_i > tau_s}, top k by p_i (ties: earlier position first), over usable positions."""
+    usable = [i for i in range(min_pos, len(probs)) if doc.char_pos[i] is not None and probs[i] > tau_s]
+    usable.sort(key=lambda i: (-probs[i], i))
+    return sorted(usable[:k])
+
+
+# -------------------------------------------------------------------------------------- step 3: decoding
+@dataclass
+class DecodeRow:
+    doc: int  # row of the StartPass batch
+    ctx_len: int  # absolute context length (prompt + input copy + x_<i)
+    seed_key: str  # identifies the sample, for a per-row random stream independent of batching
+
+
+@dataclass
+class DecodeOut:
+    text: str  # decoded continuation after the start marker
+    marker_logprob: float  # log p of the start marker's tokens after the first (0 for one-token markers)
+    n_tokens: int = 0
+
+
+def row_rng(seed: int, key: str) -> np.random.Generator:
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+    return np.random.default_rng([seed, h])
+
+
+def _gather_rows(kv, rows: list[DecodeRow]):
+    """Per-layer KV for the rows, left-padded to a common length; mask marks the real positions."""
+    C = max(r.ctx_len for r in rows)
+    doc_idx = torch.tensor([r.doc for r in rows], dtype=torch.long)
+    lens = torch.tensor([r.ctx_len for r in rows], dtype=torch.long)
+    src = torch.arange(C)[None, :] - (C - lens)[:, None]  # [R, C]; negative = padding
+    mask = (src >= 0).long()
+    src = src.clamp(min=0)
+    layers = []
+    for k, v in kv:
+        kb, vb = k.index_select(0, doc_idx), v.index_select(0, doc_idx)  # [R, H, T, D]
+        idx = src[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        layers.append((torch.gather(kb, 2, idx), torch.gather(vb, 2, idx)))
+    return layers, mask
+
+
+def _sample(logits: torch.Tensor, rngs: list[np.random.Generator], temperature: float, top_p: float) -> list[int]:
+    """One token per row: greedy when temperature is 0, else temperature + nucleus sampling by inverse CDF
+    with the row's own uniform draw (so a row's sample does not depend on the rest of the batch)."""
+    if temperature == 0:
+        return logits.argmax(-1).tolist()
+    probs = torch.softmax(logits / temperature, dim=-1)
+    u = torch.tensor([rng.random() for rng in rngs], dtype=torch.float64)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = (sorted_p.cumsum(-1) - sorted_p) < top_p  # the smallest prefix with mass >= top_p
+        sorted_p = sorted_p * keep
+        cdf = sorted_p.double().cumsum(-1)
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=probs.shape[-1] - 1)
+        return order.gather(1, pick).squeeze(1).tolist()
+    cdf = probs.double().cumsum(-1)
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=probs.shape[-1] - 1)
+    return pick.squeeze(1).tolist()
+
+
+@torch.inference_mode()
+def decode_calls(model, tokenizer, kv, rows: list[DecodeRow], marker_ids: list[int], markers: Markers, *,
+                 seed: int, temperature: float, top_p: float, max_tokens: int, eos_id: int | None,
+                 sample: bool = True) -> list[DecodeOut]:
+    """Feed the start marker after each row's context, then sample until the call closes.
+
+    Finished rows leave the batch at once. With sample=False only the marker is fed (to get the
+    probability of a multi-token marker's later tokens).
+    """
+    R = len(rows)
+    layers, mask = _gather_rows(kv, rows)
+    cache = cache_from_layers(model, layers)
+    ctx = torch.tensor([r.ctx_len for r in rows], dtype=torch.long)
+    M = len(marker_ids)
+    ids = torch.tensor([marker_ids] * R, dtype=torch.long)
+    pos = ctx[:, None] + torch.arange(M)[None, :]
+    mask = torch.cat([mask, torch.ones(R, M, dtype=torch.long)], dim=1)
+    hidden, cache = hidden_states(model, ids, past_key_values=cache, attention_mask=mask, position_ids=pos,
+                                  use_cache=True)
+    marker_lp = torch.zeros(R, dtype=torch.float64)
+    if M > 1:
+        lp = torch.log_softmax(logits_from_hidden(model, hidden[:, :-1]), -1)
+        marker_lp = lp.gather(2, torch.tensor([marker_ids[1:]] * R)[:, :, None]).squeeze(2).double().sum(1)
+    outs = [DecodeOut("", float(marker_lp[r])) for r in range(R)]
+    if not sample:
+        return outs
+    rngs = [row_rng(seed, r.seed_key) for r in rows]
+    generated: list[list[int]] = [[] for _ in range(R)]
+    active = list(range(R))  # original row index of each batch row
+    last_hidden = hidden[:, -1]
+    next_pos = ctx + M
+    for step in range(max_tokens):
+        logits = logits_from_hidden(model, last_hidden)
+        tokens = _sample(logits, [rngs[a] for a in active], temperature, top_p)
+        keep = []
+        for b, (a, tok) in enumerate(zip(active, tokens)):
+            generated[a].append(tok)
+            text = tokenizer.decode(generated[a])
+            outs[a].text, outs[a].n_tokens = text, len(generated[a])
+            if tok == eos_id or call_closed(text, markers) or "\n" in text:
+                continue
+            keep.append(b)
+        if not keep or step == max_tokens - 1:
+            break
+        if len(keep) < len(active):
+            sel = torch.tensor(keep, dtype=torch.long)
+            cache.batch_select_indices(sel)
+            mask, next_pos = mask[sel], next_pos[sel]
+            active = [active[b] for b in keep]
+            tokens = [tokens[b] for b in keep]
+        mask = torch.cat([mask, torch.ones(len(active), 1, dtype=torch.long)], dim=1)
+        hidden, cache = hidden_states(model, torch.tensor(tokens, dtype=torch.long)[:, None],
+                                      past_key_values=cache, attention_mask=mask,
+                                      position_ids=next_pos[:, None], use_cache=True)
+        last_hidden = hidden[:, -1]
+        next_pos = next_pos + 1
+    return outs
+
+
+def parse_sample(text: str, markers: Markers, tool: str, takes_input: bool) -> ApiCall | None:
+    """The call in a sampled continuation, or None if it never closed, does not parse or names another tool."""
+    call = parse_generated_call(text, markers, tool)
+    if call is None:
+        return None
+    if takes_input == (call.input == ""):  # Calendar() takes no input; every other tool needs one
+        return None
+    return call
+
+
+@dataclass
+class Candidate:
+    """A distinct sampled call at one position of one document, for one tool."""
+    doc_id: str
+    tool: str
+    token_pos: int
+    char_pos: int
+    p_api: float
+    call: ApiCall
+    n_samples: int = 1  # how many of the m samples produced this call
+    result: str | None = None  # filled by the execute stage
+    extra: dict = field(default_factory=dict)
