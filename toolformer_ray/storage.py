@@ -253,8 +253,9 @@ class OutputStore:
         """URIs of the committed files of a table (for datasets.load_dataset("parquet", data_files=...))."""
         return [self.uri(r["files"][name]) for r in self.readable_units().values() if name in r["files"]]
 
-    def read_table(self, name: str, columns: list[str] | None = None) -> pa.Table:
-        """A table over the committed shards only (uncommitted leftovers are never read)."""
+    def read_table(self, name: str, columns: list[str] | None = None, filter=None) -> pa.Table:
+        """A table over the committed shards only (uncommitted leftovers are never read); `columns` and
+        `filter` (a pyarrow.compute expression) are pushed down to the Parquet reader."""
         paths = [self.path(r["files"][name]) for r in self.readable_units().values() if name in r["files"]]
         schema = TABLE_SCHEMAS.get(name)
         if not paths:
@@ -263,7 +264,7 @@ class OutputStore:
             return schema.empty_table() if columns is None else schema.empty_table().select(columns)
         filesystem = PyFileSystem(FSSpecHandler(self.fs))
         dataset = pads.dataset(paths, format="parquet", filesystem=filesystem, schema=schema)
-        return dataset.to_table(columns=columns)
+        return dataset.to_table(columns=columns, filter=filter)
 
     # --------------------------------------------------------------------------------- small JSON files
     def write_json(self, rel: str, data: Any) -> None:
