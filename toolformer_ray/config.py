@@ -102,10 +102,11 @@ class ToolConfig(Section):
     workers: int = Field(1, gt=0)
     worker_cpus: float = Field(0.25, ge=0.0)
     worker_gpus: float = Field(0.0, ge=0.0)
-    timeout_s: float = Field(30.0, gt=0)
-    max_retries: int = Field(2, ge=0)
+    timeout_s: float = Field(30.0, gt=0)  # per call; a batch of n calls gets n * timeout_s
+    max_retries: int = Field(2, ge=0)  # re-executions of a call whose worker died
+    batch_size: int = Field(32, gt=0)  # distinct calls per worker task
     not_hashed: ClassVar[frozenset[str]] = frozenset(
-        {"workers", "worker_cpus", "worker_gpus", "timeout_s", "max_retries"})
+        {"workers", "worker_cpus", "worker_gpus", "timeout_s", "max_retries", "batch_size"})
 
 
 def _paper_tools() -> dict[str, ToolConfig]:

@@ -39,9 +39,24 @@ class Tool:
         return True
 
     # -- execution ---------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Load read-only resources (an index, a model) once per worker, before the first `run`.
+
+        Raises a UserError when they cannot be loaded, so a misconfigured tool fails when its pool
+        starts, not as a silent run of "no result". Tools load lazily too, so `prompt()` and
+        `prefilter()` never pay for a model.
+        """
+
     def run(self, inputs: list[str], dates: list[str | None] | None = None) -> list[str | None]:
         """Results for a batch of call inputs; None = no result. `dates` are ISO dates for tools with uses_date."""
         raise NotImplementedError
+
+    def diagnose(self, inp: str, date: str | None = None) -> str | None:
+        """Why `run` gives no result for this input, in one line (None when it gives one). For people
+        debugging a tool (`toolformer-ray tool`); `run` itself only ever says None."""
+        if self.run([inp], [date])[0] is not None:
+            return None
+        return "the tool returned no result"
 
     def cache_key(self, inp: str, date: str | None = None) -> str:
         key = f"{self.name}\x00{self.version}\x00{inp}\x00{date if self.uses_date else ''}"
@@ -52,3 +67,24 @@ def stable_fraction(*parts: str) -> float:
     """A deterministic number in [0, 1) from strings, for sampled pre-filters that must survive a resume."""
     h = hashlib.sha256("\x00".join(parts).encode()).digest()
     return int.from_bytes(h[:8], "big") / 2**64
+
+
+def unquote(text: str) -> str:
+    """The call input without surrounding whitespace and one pair of matching quotes: the paper writes
+    QA("Who is ...?") as well as QA(Who is ...?)."""
+    text = text.strip()
+    for left, right in (('"', '"'), ("'", "'"), ("\u201c", "\u201d"), ("\u2018", "\u2019")):
+        if len(text) >= 2 and text.startswith(left) and text.endswith(right):
+            return text[1:-1].strip()
+    return text
+
+
+def clean_result(result: str | None, max_chars: int = 1000) -> str | None:
+    """A result as it may appear inside a call: one line, no brackets (the default end marker "]"
+    inside a result would end the call early), bounded; empty -> None."""
+    if result is None:
+        return None
+    text = " ".join(str(result).split()).replace("[", "(").replace("]", ")")
+    if len(text) > max_chars:
+        text = text[:max_chars].rsplit(" ", 1)[0] or text[:max_chars]
+    return text or None
