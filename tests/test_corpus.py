@@ -227,6 +227,22 @@ def test_text_paragraphs(tmp_path, tok):
         ("t.txt:6", "invalid UTF-8 at byte 7", b"Second \xff paragraph.")]
 
 
+def test_unreadable_files_are_one_quarantine_row(tmp_path, tok):
+    good = gzip.compress(b'{"text": "Fine."}\n' * 50)
+    (tmp_path / "cut.jsonl.gz").write_bytes(good[: len(good) // 2])  # a truncated archive
+    (tmp_path / "fake.parquet").write_bytes(b"this is not parquet")
+    shards = list_shards(str(tmp_path), parquet_split_bytes=1)
+    rows = []
+    for shard in shards:
+        docs, quarantine = read_shard(shard, CorpusConfig(), tok)
+        assert docs == []
+        rows += quarantine
+    assert [(q["source_id"], q["raw"]) for q in rows] == [("cut.jsonl.gz", good[: len(good) // 2]),
+                                                          ("fake.parquet", b"this is not parquet")]
+    assert rows[0]["reason"].startswith("unreadable compressed file: EOFError")
+    assert rows[1]["reason"].startswith("unreadable Parquet file:")
+
+
 # ---------------------------------------------------------------------------------------------- splitting
 
 def test_split_at_sentences(tok):
@@ -305,6 +321,7 @@ def test_plan_with_limit(tmp_path, tok):
     plans = plan_shards(shards, cfg, tok, limit=4)
     assert plans == [ShardPlan(shards[0]), ShardPlan(shards[1], 1)]
     assert plans[1].unit_id == f"{shards[1].shard_id}-first1" and not plans[1].complete
+    assert plans[1].to_dict()["max_docs"] == 1 and plans[1].to_dict()["uri"] == shards[1].uri
     docs, _ = read_shard(shards[1], cfg, tok, max_docs=plans[1].max_docs)
     assert [d.source_id for d in docs] == ["r3"]
     assert plan_shards(shards, cfg, tok, limit=100) == [ShardPlan(s) for s in shards]

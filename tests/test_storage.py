@@ -97,8 +97,11 @@ def test_write_read_and_layout(output):
     assert other.committed_shards() == set() and other.read_table("calls").num_rows == 0
 
 
-def test_loads_with_datasets(output, tmp_path):
+def test_loads_with_datasets(output, tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
+    # models.py sets HF_HUB_OFFLINE=1 (no hub, ever); `datasets` reads that as "no remote files" and would
+    # refuse s3:// too. A user outside this process, or with HF_DATASETS_OFFLINE=0, is not affected.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     uri, options, _ = output
     store = OutputStore(uri, HASH, options)
     store.write_shard("shardA", shard_tables("shardA", 3), record())
@@ -225,6 +228,15 @@ def test_partial_units_under_a_limit(output):
     assert dir_dataset(store, "documents").num_rows == 12
     with pytest.raises(ValueError, match="already committed"):
         store.write_shard("s", shard_tables("s", 1), record(), max_docs=5)
+
+
+def test_units_of_one_shard(tmp_path):
+    store = OutputStore(str(tmp_path), HASH)
+    for sid in ("x-rg1", "x-rg10"):
+        store.write_shard(sid, {}, {}, max_docs=3)
+    store.write_shard("x-rg1", {}, {})
+    assert set(store.committed_units("x-rg1")) == {"x-rg1"}  # not x-rg10's units, which share the prefix
+    assert set(store.committed_units()) == {"x-rg1", "x-rg10-first3"}
 
 
 def test_readers_prefer_complete_if_cleanup_was_interrupted(tmp_path, monkeypatch):

@@ -25,8 +25,10 @@ import hashlib
 import io
 import json
 import logging
+import lzma
 import re
 import unicodedata
+import zlib
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
@@ -89,6 +91,10 @@ class ShardPlan:
     @property
     def unit_id(self) -> str:
         return unit_id(self.shard.shard_id, self.max_docs)
+
+    def to_dict(self) -> dict:
+        """For the manifest's `planned` list: the shard's fields, `max_docs` and `unit`."""
+        return {**self.shard.to_dict(), "max_docs": self.max_docs, "unit": self.unit_id}
 
 
 # ----------------------------------------------------------------------------------------------- listing
@@ -182,9 +188,12 @@ def list_shards(uri: str, fmt: str = "auto", storage_options: dict | None = None
             raise CorpusError(f"{file_uri}: Parquet files are compressed inside; an outer {path.rsplit('.', 1)[-1]} "
                               "is not supported")
         if file_fmt == "parquet" and size > parquet_split_bytes:
-            with fs.open(path, "rb") as f:
-                meta = pq.ParquetFile(f).metadata
-            if meta.num_row_groups > 1:
+            try:
+                with fs.open(path, "rb") as f:
+                    meta = pq.ParquetFile(f).metadata
+            except (pa.ArrowException, OSError):
+                meta = None  # unreadable: one whole-file shard, which read_shard quarantines
+            if meta is not None and meta.num_row_groups > 1:
                 offset = 0
                 for i in range(meta.num_row_groups):
                     shards.append(Shard(f"{base_id}-rg{i}", file_uri, file_fmt, rel, size, digest, i, offset))
@@ -235,17 +244,28 @@ def _json_default(value: Any) -> Any:
 
 
 def _read_bytes(shard: Shard, storage_options: dict | None) -> bytes:
+    """The file's bytes as stored (still compressed), checked against the hash the shard was listed with."""
     fs, path = fsspec.core.url_to_fs(shard.uri, **(storage_options or {}))
     with fs.open(path, "rb") as f:
         data = f.read()
     if hashlib.sha256(data).hexdigest() != shard.content_hash:
         raise CorpusError(f"{shard.uri} changed since it was listed (its bytes no longer hash to shard "
                           f"{shard.shard_id}); list the input again")
-    compression = infer_compression(path)
-    if compression:
-        with fsspec.compression.compr[compression](io.BytesIO(data)) as f:
-            data = f.read()
     return data
+
+
+def _decompress(data: bytes, uri: str) -> bytes:
+    compression = infer_compression(uri)
+    if not compression:
+        return data
+    with fsspec.compression.compr[compression](io.BytesIO(data)) as f:
+        return f.read()
+
+
+def _unreadable(shard: Shard, data: bytes, max_raw: int, what: str, err: Exception) -> _Record:
+    # A file that cannot be decoded at all is one quarantine row (its bytes, if not huge), not a crash.
+    return _Record(shard.name, data if len(data) <= max_raw else b"", None,
+                   f"unreadable {what}: {type(err).__name__}: {err}")
 
 
 def _jsonl_records(data: bytes, shard: Shard, max_raw: int) -> Iterator[_Record]:
@@ -299,9 +319,14 @@ def _text_records(data: bytes, shard: Shard, max_raw: int) -> Iterator[_Record]:
         yield emit(start, lines)
 
 
-def _parquet_records(shard: Shard, storage_options: dict | None) -> Iterator[_Record]:
+def _parquet_records(shard: Shard, storage_options: dict | None, max_raw: int) -> Iterator[_Record]:
     if shard.row_group is None:
-        table = pq.read_table(pa.BufferReader(_read_bytes(shard, storage_options)))
+        data = _read_bytes(shard, storage_options)
+        try:
+            table = pq.read_table(pa.BufferReader(data))
+        except (pa.ArrowException, OSError) as e:
+            yield _unreadable(shard, data, max_raw, "Parquet file", e)
+            return
     else:
         # Row-group shards read only their byte ranges; the footer's row count guards against a changed file.
         fs, path = fsspec.core.url_to_fs(shard.uri, **(storage_options or {}))
@@ -336,14 +361,18 @@ def _records(shard: Shard, corpus_cfg, storage_options: dict | None) -> Iterator
     # Raw-size guard: a record's text is at most max_record_chars characters, i.e. <= 4 bytes each,
     # plus room for the other fields; anything bigger is not parsed at all.
     max_raw = 4 * corpus_cfg.max_record_chars + 65536
-    if shard.fmt == "jsonl":
-        yield from _jsonl_records(_read_bytes(shard, storage_options), shard, max_raw)
-    elif shard.fmt == "text":
-        yield from _text_records(_read_bytes(shard, storage_options), shard, max_raw)
-    elif shard.fmt == "parquet":
-        yield from _parquet_records(shard, storage_options)
-    else:
+    if shard.fmt == "parquet":
+        yield from _parquet_records(shard, storage_options, max_raw)
+        return
+    if shard.fmt not in ("jsonl", "text"):
         raise CorpusError(f"unknown shard format {shard.fmt!r}")
+    raw = _read_bytes(shard, storage_options)
+    try:
+        data = _decompress(raw, shard.uri)
+    except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError) as e:  # a truncated or corrupt archive
+        yield _unreadable(shard, raw, max_raw, "compressed file", e)
+        return
+    yield from (_jsonl_records if shard.fmt == "jsonl" else _text_records)(data, shard, max_raw)
 
 
 # ------------------------------------------------------------------------------------ fields -> documents

@@ -198,8 +198,9 @@ def examples_markdown(examples: dict[str, list[dict]], doc_text: dict[str, str])
                            + ("…" if end < len(text) else ""))
             else:
                 snippet = inserted
+            call = f"{tool}({_cell(row.get('call') or '')})"
             parts.append(
-                f"- doc `{row['doc_id']}` at char {row.get('char_pos')}: call `{tool}({_cell(row.get('call') or '')})` → "
+                f"- doc `{row['doc_id']}` at char {row.get('char_pos')}: call `{call}` → "
                 f"result `{_cell(row.get('result'))}`; L- - L+ = {row['utility']:.3f} (L+ {row['loss_plus']:.3f}, "
                 f"L(no call) {row['loss_no_call']:.3f}, L(no result) {row['loss_call_no_result']:.3f}), "
                 f"p_api {row['p_api']:.3f}\n\n" + _indent(_fenced(snippet)))

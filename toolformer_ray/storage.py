@@ -144,19 +144,20 @@ class OutputStore:
         return self.path(COMMITTED, f"{unit}.json")
 
     # ------------------------------------------------------------------------------------- commit state
-    def committed_units(self) -> dict[str, dict]:
-        """unit -> commit record, for every committed unit (complete and partial)."""
+    def committed_units(self, shard_id: str | None = None) -> dict[str, dict]:
+        """unit -> commit record, for every committed unit (complete and partial), or only `shard_id`'s."""
         directory = self.path(COMMITTED)
         self.fs.invalidate_cache(directory)  # s3fs caches listings; another process may have committed
         try:
-            paths = self.fs.glob(f"{directory}/*.json")
+            paths = self.fs.glob(f"{directory}/{shard_id or ''}*.json")
         except FileNotFoundError:
             return {}
         units = {}
         if paths:
             for path, blob in self.fs.cat(paths).items():
                 record = json.loads(blob)
-                units[record["unit"]] = record
+                if shard_id is None or record["shard_id"] == shard_id:  # "x-rg1*" also matches "x-rg10"
+                    units[record["unit"]] = record
         return units
 
     def committed_shards(self) -> set[str]:
@@ -191,7 +192,7 @@ class OutputStore:
         A complete commit supersedes the shard's partial units, which are then deleted (commit records first,
         so no reader ever sees both); likewise a partial commit supersedes smaller partial ones."""
         unit = unit_id(shard_id, max_docs)
-        if max_docs is not None and self.is_done(shard_id):
+        if max_docs is not None and self.is_done(shard_id, units=self.committed_units(shard_id)):
             raise ValueError(f"shard {shard_id} is already committed complete; a partial commit would hide nothing "
                              "but waste work")
         names = list(dict.fromkeys([*TABLE_SCHEMAS, *tables]))
@@ -221,7 +222,7 @@ class OutputStore:
         put_bytes(self.fs, self.commit_path(unit), blob)
 
     def _drop_superseded(self, shard_id: str, keep: str) -> None:
-        units = {u: r for u, r in self.committed_units().items() if r["shard_id"] == shard_id}
+        units = self.committed_units(shard_id)
         best = self.readable_units(units)
         for unit, record in units.items():
             if unit != keep and unit not in best:
