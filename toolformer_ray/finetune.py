@@ -1,0 +1,755 @@
+"""Fine-tuning on the augmented corpus C* with DeepSpeed ZeRO (stage 2 or 3) under Ray Train.
+
+    run_finetune(cfg)
+      driver   read C* -> pack rows + dev split (finetune_data) -> ray.put
+               check the output folder: a run with the same fingerprint is resumed, another one refused
+      workers  TorchTrainer, one DeepSpeed engine per worker (gloo + DS_ACCELERATOR=cpu locally, NCCL on GPUs);
+               every step: micro x accumulation rows per worker, a token-weighted loss; every
+               `checkpoint_every` steps and at the end: dev perplexity with calls disabled, a DeepSpeed
+               checkpoint (+ probe logits) reported to Ray Train storage (local or s3://)
+      driver   best checkpoint by dev perplexity -> consolidated fp32 weights (ZeRO-2/3 shards) -> a plain
+               Hugging Face directory, checked against the checkpoint's probe logits; loss curve PNG
+
+Output folder (`finetune.output`, local or s3://):
+    run.json            the run's fingerprint (data digest, model, hyper-parameters): what resuming needs
+    checkpoints/        Ray Train storage: step_000010/ ... (DeepSpeed shards, probe.safetensors, state.json)
+    model/              the exported best model (safetensors, config, tokenizer, finetune.json)
+    metrics.jsonl       one line per logged step; tensorboard/ the same as TensorBoard events
+    loss_curve.png
+
+Resuming: Ray Train restores its checkpoint list from `checkpoints/`; the workers load the latest DeepSpeed
+checkpoint (weights, optimizer, lr schedule) and continue at its step. The rows of step s are a function of
+(seed, s) only (finetune_data.BatchPlan), so the resumed run trains on exactly the rows the first one would have.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolformer_ray.api_text import Markers
+from toolformer_ray.config import Config
+from toolformer_ray.errors import UserError
+from toolformer_ray.finetune_data import (BatchPlan, FinetuneData, Packed, batch_plan, gather_rows, prepare_data,
+                                          read_documents)
+
+log = logging.getLogger(__name__)
+
+FAIL_AT_STEP_ENV = "TOOLFORMER_FINETUNE_FAIL_AT_STEP"  # fault drill: a worker raises before this step (1-based)
+CHECKPOINTS = "checkpoints"  # Ray Train run name: <output>/checkpoints/step_000010/
+PROBE_TOKENS = 16
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class FinetuneError(UserError, ValueError):
+    """Bad fine-tuning settings, or an output folder that holds an incompatible run."""
+
+
+# ------------------------------------------------------------------------------------------- pure parts
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int, decay: str = "none") -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warm-up, then constant (the
+    paper), linear or cosine decay to 0 at max_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if decay == "none" or max_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / (max_steps - warmup_steps))
+    if decay == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_steps_for(max_steps: int, warmup_ratio: float) -> int:
+    return int(math.ceil(warmup_ratio * max_steps))
+
+
+def token_nll(logits, input_ids, loss_mask, disabled_token: int | None = None):
+    """Negative log-likelihood of each next token, [B, T-1], and its loss mask (token t is predicted from
+    the logits at t-1). With `disabled_token`, tool calls are disabled as in the paper's evaluation: that
+    token's probability is set to 0 and the rest renormalised, except where the text itself continues with
+    it (plain text may contain " [" too; its own probability is used there)."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    flat_logits, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    nll = F.cross_entropy(flat_logits, flat_targets, reduction="none").view_as(targets)
+    if disabled_token is not None:
+        blocked = flat_logits.clone()
+        blocked[:, disabled_token] = float("-inf")
+        nll_blocked = F.cross_entropy(blocked, flat_targets, reduction="none").view_as(targets)
+        nll = torch.where(targets == disabled_token, nll, nll_blocked)
+    return nll, loss_mask[:, 1:].to(nll.dtype)
+
+
+def resolve_path(path: str) -> Path:
+    """A config-relative file: as given (from the working directory), else inside the repository."""
+    for candidate in (Path(path).expanduser(), _REPO_ROOT / path):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise FinetuneError(f"DeepSpeed config not found: {path}")
+
+
+def deepspeed_config(path: str, plan: BatchPlan) -> dict:
+    """The DeepSpeed JSON with the batch sizes filled in from the finetune config ("auto" or equal values).
+    The optimizer and lr schedule come from the finetune config, so the JSON must not define them."""
+    file = resolve_path(path)
+    try:
+        ds = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise FinetuneError(f"{file}: not valid JSON: {e}") from None
+    if not isinstance(ds, dict):
+        raise FinetuneError(f"{file}: the top level must be an object")
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise FinetuneError(f"{file}: remove '{key}': the optimizer (AdamW) and lr schedule are set by "
+                                "finetune.lr, warmup_ratio, lr_decay and weight_decay")
+    stage = (ds.get("zero_optimization") or {}).get("stage")
+    if stage not in (2, 3):
+        raise FinetuneError(f"{file}: zero_optimization.stage must be 2 or 3 (got {stage!r})")
+    wanted = {"train_batch_size": plan.global_batch, "train_micro_batch_size_per_gpu": plan.micro,
+              "gradient_accumulation_steps": plan.accumulation}
+    for key, value in wanted.items():
+        if ds.get(key, "auto") not in ("auto", value):
+            raise FinetuneError(f"{file}: {key} is {ds[key]} but the finetune config gives {value}; "
+                                'set it to "auto" (batch sizes come from finetune.global_batch_size etc.)')
+        ds[key] = value
+    bf16 = ds.get("bf16")
+    if bf16 is not None and not isinstance(bf16, dict):
+        raise FinetuneError(f"{file}: 'bf16' must be an object")
+    ds.pop("bf16", None)  # decided by finetune.bf16 on the workers (hardware dependent)
+    if (ds.get("fp16") or {}).get("enabled") is True:
+        raise FinetuneError(f"{file}: fp16 is not supported; use finetune.bf16")
+    leftover = [k for k, v in _walk(ds) if v == "auto"]
+    if leftover:
+        raise FinetuneError(f"{file}: 'auto' is only understood for batch sizes and bf16, not for {leftover}")
+    return ds
+
+
+def _walk(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _walk(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def bf16_supported(use_gpu: bool) -> bool:
+    import torch
+
+    if use_gpu:
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # AVX512-BF16 / AMX: fast bf16 matmuls
+
+
+# ------------------------------------------------------------------------------------------ worker side
+
+@dataclass
+class TrainSpec:
+    """Everything a worker needs (plain values: it is pickled to the workers)."""
+    model_dir: str
+    ds_config: dict
+    plan: BatchPlan
+    lr: float
+    warmup_steps: int
+    lr_decay: str
+    weight_decay: float
+    max_steps: int
+    checkpoint_every: int
+    log_every: int
+    seed: int
+    bf16: bool | str
+    gradient_checkpointing: bool
+    use_gpu: bool
+    cpus_per_worker: float
+    fingerprint: str
+    api_start_token: int | None
+    probe_ids: list[int]
+    fail_at_step: int | None = None
+
+
+def _device(use_gpu: bool):
+    import torch
+
+    if use_gpu:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    return torch.device("cpu")
+
+
+def _all_reduce_sum(values: list[float], device) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _forward_logits(engine, batch: dict, device):
+    import torch
+
+    ids = torch.from_numpy(batch["input_ids"]).to(device)
+    attention = torch.from_numpy(batch["attention_mask"]).to(device)
+    return ids, engine(input_ids=ids, attention_mask=attention, use_cache=False).logits
+
+
+def evaluate_dev(engine, dev: Packed, micro: int, rank: int, world: int, device, api_start_token: int | None) -> dict:
+    """Dev perplexity over the packed dev rows, split across ranks. Every rank runs the same number of
+    forward passes (ZeRO-3 gathers parameters collectively), padding its share with zero-weight rows."""
+    import torch
+
+    n = len(dev)
+    if n == 0:
+        return {}
+    per_rank = -(-n // world)
+    lo, hi = rank * per_rank, min(n, (rank + 1) * per_rank)
+    sums = [0.0, 0.0, 0.0]  # nll with calls disabled, plain nll, targets
+    engine.eval()
+    with torch.no_grad():
+        for start in range(0, per_rank, micro):
+            idx = lo + start + np.arange(micro)
+            real = idx < hi
+            batch = gather_rows(dev, np.where(real, idx, 0))
+            ids, logits = _forward_logits(engine, batch, device)
+            mask_np = batch["loss_mask"] * real[:, None]
+            loss_mask = torch.from_numpy(mask_np).to(device)
+            nll_off, mask = token_nll(logits, ids, loss_mask, api_start_token)
+            nll_on, _ = token_nll(logits, ids, loss_mask)
+            sums[0] += float((nll_off * mask).sum())
+            sums[1] += float((nll_on * mask).sum())
+            sums[2] += float(mask.sum())
+    engine.train()
+    off, on, count = _all_reduce_sum(sums, device)
+    if count == 0:
+        return {}
+    return {"dev_ppl": math.exp(off / count), "dev_ppl_plain": math.exp(on / count), "dev_loss": off / count}
+
+
+def probe_logits(engine, probe_ids: list[int], device):
+    import torch
+
+    engine.eval()
+    with torch.no_grad():
+        ids = torch.tensor([probe_ids], dtype=torch.long, device=device)
+        logits = engine(input_ids=ids, use_cache=False).logits[0].float().cpu()
+    engine.train()
+    return logits
+
+
+def train_loop(config: dict) -> None:
+    """The Ray Train worker function: one DeepSpeed engine per worker."""
+    import deepspeed
+    import ray
+    import ray.train
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    # Ray 2.60 prints every report (with its whole metrics dict) at INFO despite LoggingConfig; the
+    # controller's progress line says the same in one line.
+    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+    spec: TrainSpec = config["spec"]
+    data: FinetuneData = ray.get(config["data"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    plan = spec.plan
+    if world != plan.workers:
+        raise RuntimeError(f"expected {plan.workers} workers, got {world}")
+    device = _device(spec.use_gpu)
+    if not spec.use_gpu:
+        torch.set_num_threads(max(1, int(spec.cpus_per_worker)))
+    bf16 = bf16_supported(spec.use_gpu) if spec.bf16 == "auto" else bool(spec.bf16)
+    ds_config = {**spec.ds_config, "bf16": {"enabled": bf16}}
+
+    torch.manual_seed(spec.seed)
+    model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=torch.float32, use_safetensors=True)
+    model.config.use_cache = False
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    decay = [p for p in model.parameters() if p.ndim >= 2]  # no weight decay on norms and biases
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=spec.lr, betas=(0.9, 0.999), eps=1e-8, fused=spec.use_gpu or None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, warmup_steps=spec.warmup_steps, max_steps=spec.max_steps, decay=spec.lr_decay))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            loaded, client = engine.load_checkpoint(ckpt_dir)
+        if loaded is None:
+            raise RuntimeError(f"could not load the DeepSpeed checkpoint in {checkpoint.path}")
+        if client.get("fingerprint") != spec.fingerprint:
+            raise RuntimeError(f"checkpoint {checkpoint.path} belongs to another run (fingerprint mismatch)")
+        start_step = int(client["step"])
+
+    n_rows = len(data.train)
+    engine.train()
+    for step in range(start_step, spec.max_steps):
+        if spec.fail_at_step is not None and step + 1 == spec.fail_at_step:
+            raise RuntimeError(f"injected failure before step {step + 1} ({FAIL_AT_STEP_ENV})")
+        t0 = time.perf_counter()
+        rows = plan.step_rows(step, n_rows, spec.seed)  # [accumulation, workers, micro]
+        targets = data.train.n_targets(rows.ravel())
+        nll_sum = 0.0
+        for a in range(plan.accumulation):
+            batch = gather_rows(data.train, rows[a, rank])
+            ids, logits = _forward_logits(engine, batch, device)
+            nll, mask = token_nll(logits, ids, torch.from_numpy(batch["loss_mask"]).to(device))
+            micro_nll = (nll * mask).sum()
+            # Token-weighted mean over the whole global batch: DeepSpeed averages gradients over workers,
+            # so each micro-batch's sum is scaled by world / (targets in the global batch).
+            engine.backward(micro_nll * (world / max(targets, 1)), scale_wrt_gas=False)
+            engine.step()
+            nll_sum += float(micro_nll.detach())
+        (nll_total,) = _all_reduce_sum([nll_sum], device)
+        elapsed = time.perf_counter() - t0
+        done = step + 1
+        metrics: dict[str, Any] = {
+            "step": done,
+            "loss": nll_total / max(targets, 1),
+            "lr": spec.lr * lr_factor(step, spec.warmup_steps, spec.max_steps, spec.lr_decay),
+            "tokens_per_s": float(data.train.lengths[rows.ravel()].sum()) / elapsed,
+            "step_time_s": elapsed,
+            "epoch": done * plan.global_batch / n_rows,
+            "start_step": start_step,  # > 0: this invocation resumed from a checkpoint at that step
+            "bf16": bf16,
+        }
+        grad_norm = engine.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        if done % spec.checkpoint_every == 0 or done == spec.max_steps:
+            metrics.update(evaluate_dev(engine, data.dev, plan.micro, rank, world, device, spec.api_start_token))
+            logits = probe_logits(engine, spec.probe_ids, device)
+            with tempfile.TemporaryDirectory(prefix="ft-ckpt-") as tmp:
+                engine.save_checkpoint(tmp, tag=f"step{done}", client_state={"step": done, "fingerprint": spec.fingerprint})
+                if rank == 0:
+                    save_file({"input_ids": torch.tensor(spec.probe_ids), "logits": logits.contiguous()},
+                              os.path.join(tmp, "probe.safetensors"))
+                    Path(tmp, "state.json").write_text(json.dumps(
+                        {"step": done, "fingerprint": spec.fingerprint, "metrics": metrics,
+                         "compute_dtype": "bfloat16" if bf16 else "float32"}, indent=1))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=f"step_{done:06d}")
+        elif done % spec.log_every == 0:
+            ray.train.report(metrics)
+
+
+# ------------------------------------------------------------------------------------------ driver side
+
+def _progress_logger_cls():
+    from ray.train import UserCallback
+
+    class ProgressLogger(UserCallback):
+        """Runs in the Ray Train controller (on the driver's node): console lines, metrics.jsonl, TensorBoard."""
+
+        def __init__(self, log_dir: str, max_steps: int):
+            self.log_dir = log_dir
+            self.max_steps = max_steps
+            self._writer = None
+
+        def after_report(self, run_context, metrics, checkpoint):
+            m = dict(metrics[0]) if metrics else {}
+            if "step" not in m:
+                return
+            if checkpoint is not None:
+                m["checkpoint"] = checkpoint.path
+            m["time"] = time.time()
+            os.makedirs(self.log_dir, exist_ok=True)
+            with open(os.path.join(self.log_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(m) + "\n")
+            if self._writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(os.path.join(self.log_dir, "tensorboard"))
+            step = int(m["step"])
+            for key in ("loss", "lr", "tokens_per_s", "grad_norm", "epoch"):
+                if key in m:
+                    self._writer.add_scalar(f"train/{key}", m[key], step)
+            for key in ("dev_ppl", "dev_ppl_plain", "dev_loss"):
+                if key in m:
+                    self._writer.add_scalar(f"dev/{key}", m[key], step)
+            self._writer.flush()
+            line = (f"[finetune] step {step}/{self.max_steps}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  "
+                    f"{m['tokens_per_s']:,.0f} tok/s")
+            if "dev_ppl" in m:
+                line += f"  dev ppl {m['dev_ppl']:.4g} (calls disabled)"
+            if checkpoint is not None:
+                line += "  [checkpoint]"
+            print(line, flush=True)
+
+    return ProgressLogger
+
+
+@dataclass
+class FinetuneResult:
+    output: str  # the run folder (local or s3://)
+    model_dir: str  # the exported Hugging Face directory
+    steps: int  # optimizer steps done (the last checkpoint's step)
+    max_steps: int
+    resumed_from: int | None  # the step this invocation started at, if it resumed
+    best_step: int
+    best_checkpoint: str
+    best_dev_ppl: float | None  # dev perplexity with calls disabled
+    first_loss: float | None
+    last_loss: float | None
+    export_max_abs_diff: float | None  # exported model vs the checkpoint's own logits on a probe
+    data_stats: dict = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    loss_curve: str | None = None
+    tensorboard: str | None = None
+
+    def describe(self) -> str:
+        lines = [f"fine-tuned model: {self.model_dir}"]
+        resumed = f", resumed at step {self.resumed_from}" if self.resumed_from else ""
+        loss = (f"; loss {self.first_loss:.4f} -> {self.last_loss:.4f}"
+                if self.first_loss is not None and self.last_loss is not None else "")
+        lines.append(f"steps: {self.steps}/{self.max_steps}{resumed}{loss}")
+        ppl = f", dev perplexity {self.best_dev_ppl:.4g} with calls disabled" if self.best_dev_ppl is not None else ""
+        lines.append(f"best checkpoint: step {self.best_step} ({self.best_checkpoint}){ppl}")
+        s = self.data_stats
+        if s:
+            lines.append(f"data: {s['documents']} documents ({s['documents_with_calls']} with calls); trained on "
+                         f"{s['train_augmented_texts']} augmented + {s['train_original_texts']} original texts = "
+                         f"{s['train_rows']} rows of {s['max_length']} tokens; dev {s['dev_rows']} rows")
+        if self.export_max_abs_diff is not None:
+            lines.append(f"export check: max |logit difference| vs the checkpoint = {self.export_max_abs_diff:.2e}")
+        if self.loss_curve:
+            lines.append(f"loss curve: {self.loss_curve}; TensorBoard: {self.tensorboard}")
+        lines.append(f"took {self.elapsed_s:.0f} s")
+        return "\n".join(lines)
+
+
+def _fs(uri: str):
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path.rstrip("/")
+
+
+def _is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def _local_abs(uri: str) -> str:
+    return str(Path(uri.removeprefix("file://")).expanduser().resolve())
+
+
+def fingerprint_parts(cfg: Config, data: FinetuneData, model_revision: str, ds_config: dict, plan: BatchPlan) -> dict:
+    """What must not change for a run to be resumed: the data rows, the model, the optimisation settings."""
+    ft = cfg.finetune
+    return {
+        "data": data.digest(), "model_revision": model_revision, "deepspeed": ds_config,
+        "global_batch_size": plan.global_batch, "micro_batch_size": plan.micro, "num_workers": plan.workers,
+        "lr": ft.lr, "warmup_steps": warmup_steps_for(ft.max_steps, ft.warmup_ratio), "lr_decay": ft.lr_decay,
+        "weight_decay": ft.weight_decay, "max_steps": ft.max_steps, "seed": cfg.run.seed, "bf16": ft.bf16,
+    }
+
+
+def _check_resumable(output: str, parts: dict) -> bool:
+    """True when `output` holds a compatible earlier run (to resume), False when it holds none."""
+    fs, root = _fs(output)
+    run_file = f"{root}/run.json"
+    if not fs.exists(f"{root}/{CHECKPOINTS}/checkpoint_manager_snapshot.json"):
+        return False  # nothing to resume (an earlier attempt, if any, never reached a checkpoint)
+    if not fs.exists(run_file):
+        raise FinetuneError(f"{output} holds checkpoints but no run.json: use another finetune.output")
+    old = json.loads(fs.cat_file(run_file)).get("fingerprint", {})
+    changed = [f"{k}: {old.get(k)!r} -> {parts.get(k)!r}" for k in sorted(set(old) | set(parts))
+               if old.get(k) != parts.get(k) and k != "deepspeed"]
+    if old.get("deepspeed") != parts.get("deepspeed"):
+        changed.append("deepspeed config")
+    if changed:
+        raise FinetuneError(f"{output} holds a fine-tuning run with other settings ({'; '.join(changed)}); "
+                            "resuming needs the same ones: use another finetune.output, or delete the old run")
+    return True
+
+
+def _ensure_ray(cfg: Config) -> bool:
+    """Join the configured / job's cluster, else start a local Ray; True if this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False)
+    return True
+
+
+def _check_resources(cfg: Config, started_here: bool) -> None:
+    import ray
+
+    ft = cfg.finetune
+    need_cpu = ft.num_workers * ft.cpus_per_worker
+    have = ray.cluster_resources()
+    problem = None
+    if have.get("CPU", 0) < need_cpu:
+        problem = f"{ft.num_workers} workers x {ft.cpus_per_worker} CPU need {need_cpu:g} CPUs; the cluster has {have.get('CPU', 0):g}"
+    elif ft.use_gpu and have.get("GPU", 0) < ft.num_workers:
+        problem = f"{ft.num_workers} GPU workers need {ft.num_workers} GPUs; the cluster has {have.get('GPU', 0):g}"
+    if problem and started_here:  # a local Ray never grows: waiting would hang forever
+        raise FinetuneError(problem + " (set finetune.num_workers / cpus_per_worker / use_gpu)")
+    if problem:
+        log.warning("%s; waiting for the autoscaler", problem)
+
+
+def load_metrics(path: str | Path) -> list[dict]:
+    """metrics.jsonl -> one record per step (the latest line wins: a resumed run redoes steps after its
+    checkpoint)."""
+    by_step: dict[int, dict] = {}
+    p = Path(path)
+    if p.is_file():
+        for line in p.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                by_step[int(rec["step"])] = rec
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def plot_loss_curve(records: list[dict], png: str | Path, title: str = "fine-tuning") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in records if "loss" in r]
+    ax.plot(steps, [r["loss"] for r in records if "loss" in r], label="train loss", color="tab:blue")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats / token)")
+    dev = [(r["step"], r["dev_loss"]) for r in records if "dev_loss" in r]
+    if dev:
+        ax.plot(*zip(*dev), "o-", label="dev loss, calls disabled", color="tab:orange")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def export_checkpoint(checkpoint_dir: str | Path, base_model_dir: str | Path, out_dir: str | Path,
+                      dtype: str = "float32", metadata: dict | None = None) -> float | None:
+    """A DeepSpeed ZeRO-2/3 checkpoint -> a plain Hugging Face directory (safetensors + config + tokenizer).
+
+    The fp32 master weights are consolidated from all ranks' shards (deepspeed.utils.zero_to_fp32). Returns
+    the largest logit difference between the exported model and the checkpoint's own probe logits (computed
+    by the engine when it saved), or None if the checkpoint has no probe."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from toolformer_ray.models import load_tokenizer
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    checkpoint_dir, base_model_dir, out_dir = Path(checkpoint_dir), Path(base_model_dir), Path(out_dir)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir))
+    config = AutoConfig.from_pretrained(base_model_dir)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    if (base_model_dir / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(base_model_dir)
+    model.to(getattr(torch, dtype))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    load_tokenizer(base_model_dir).save_pretrained(out_dir)
+    (out_dir / "finetune.json").write_text(json.dumps(metadata or {}, indent=1, default=str))
+    del model, state
+
+    probe = checkpoint_dir / "probe.safetensors"
+    if not probe.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    saved = load_file(str(probe))
+    compute = json.loads((checkpoint_dir / "state.json").read_text()).get("compute_dtype", "float32")
+    exported = AutoModelForCausalLM.from_pretrained(out_dir, dtype=getattr(torch, compute), use_safetensors=True)
+    exported.eval()
+    with torch.no_grad():
+        logits = exported(input_ids=saved["input_ids"][None].long()).logits[0].float()
+    return float((logits - saved["logits"]).abs().max())
+
+
+def _publish_dir(local_dir: Path, target: str) -> None:
+    """Put a finished local directory at `target` (local: rename over the old one; s3: upload)."""
+    if _is_local(target):
+        dest = Path(_local_abs(target))
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(local_dir), dest)
+    else:
+        fs, root = _fs(target)
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+        fs.put(str(local_dir).rstrip("/") + "/", root + "/", recursive=True)
+
+
+def run_finetune(cfg: Config) -> FinetuneResult:
+    """Fine-tune `cfg.model` on the augmented corpus and export the best checkpoint (see the module doc)."""
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    t_start = time.time()
+    ft = cfg.finetune
+    if cfg.markers.special_tokens:
+        raise FinetuneError("finetune does not support markers.special_tokens yet (plain-text markers only)")
+    plan = batch_plan(ft.global_batch_size, ft.micro_batch_size, ft.num_workers)
+    ds_config = deepspeed_config(ft.deepspeed_config, plan)
+
+    from toolformer_ray.models import directory_revision, load_tokenizer, resolve_model_dir
+
+    model_dir = resolve_model_dir(cfg.model.path, cfg.model.cache_dir, cfg.model.tiny_seed).resolve()
+    tokenizer = load_tokenizer(model_dir)
+    data_uri = ft.data or f"{cfg.run.output.rstrip('/')}/{cfg.config_hash()}"
+    if ft.data is None and not _fs(data_uri)[0].exists(_fs(data_uri)[1]):
+        raise FinetuneError(f"no generate output for this config at {data_uri}: run `toolformer-ray generate` "
+                            "first, or set finetune.data")
+    markers = Markers.from_config(cfg.markers)
+    data = prepare_data(read_documents(data_uri), tokenizer, markers=markers, max_length=ft.max_length,
+                        original_text_ratio=ft.original_text_ratio, mask_tool_results=ft.mask_tool_results,
+                        dev_fraction=ft.dev_fraction, dev_max_sequences=ft.dev_max_sequences, seed=cfg.run.seed)
+    log.info("finetune data: %s", data.stats)
+
+    output = _local_abs(ft.output) if _is_local(ft.output) else ft.output.rstrip("/")
+    parts = fingerprint_parts(cfg, data, directory_revision(model_dir), ds_config, plan)
+    fingerprint = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    resuming = _check_resumable(output, parts)
+    fs, root = _fs(output)
+    fs.makedirs(root, exist_ok=True)
+    if not resuming:
+        fs.pipe_file(f"{root}/run.json", json.dumps(
+            {"fingerprint": parts, "fingerprint_hash": fingerprint, "data": data_uri, "model": str(model_dir),
+             "data_stats": data.stats, "finetune": ft.model_dump(mode="json")}, indent=1).encode())
+
+    # Logs are written where the controller runs (the driver's node); for s3:// they are staged locally.
+    log_dir = Path(output) if _is_local(output) else Path(cfg.model.cache_dir).resolve().parent / "finetune-logs" / \
+        hashlib.sha256(output.encode()).hexdigest()[:16]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    if not resuming:  # a fresh run: the logs of an earlier, unfinished attempt do not belong to it
+        (log_dir / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(log_dir / "tensorboard", ignore_errors=True)
+    elif not _is_local(output) and fs.exists(f"{root}/metrics.jsonl"):
+        fs.get(f"{root}/metrics.jsonl", str(log_dir / "metrics.jsonl"))
+
+    # Probe for the export check: the start of the first dev row (else the first training row).
+    source = data.dev if len(data.dev) else data.train
+    probe_ids = source.input_ids[0, :min(PROBE_TOKENS, int(source.lengths[0]))].tolist()
+    start_ids = tokenizer(markers.start, add_special_tokens=False).input_ids
+    fail_at = os.environ.get(FAIL_AT_STEP_ENV)
+    spec = TrainSpec(
+        model_dir=str(model_dir), ds_config=ds_config, plan=plan, lr=ft.lr,
+        warmup_steps=warmup_steps_for(ft.max_steps, ft.warmup_ratio), lr_decay=ft.lr_decay,
+        weight_decay=ft.weight_decay, max_steps=ft.max_steps, checkpoint_every=ft.checkpoint_every,
+        log_every=ft.log_every, seed=cfg.run.seed, bf16=ft.bf16, gradient_checkpointing=ft.gradient_checkpointing,
+        use_gpu=ft.use_gpu, cpus_per_worker=ft.cpus_per_worker, fingerprint=fingerprint,
+        api_start_token=start_ids[0] if start_ids else None, probe_ids=probe_ids,
+        fail_at_step=int(fail_at) if fail_at else None)
+
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.constants import is_v2_enabled
+
+    if not is_v2_enabled():
+        raise FinetuneError("finetune needs Ray Train V2: unset RAY_TRAIN_V2_ENABLED=0")
+    started_ray = _ensure_ray(cfg)
+    try:
+        _check_resources(cfg, started_ray)
+        env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+               "TRANSFORMERS_VERBOSITY": "error"}
+        if not ft.use_gpu:
+            env["DS_ACCELERATOR"] = "cpu"
+        resources = {"CPU": ft.cpus_per_worker} | ({"GPU": 1} if ft.use_gpu else {})
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"spec": spec, "data": ray.put(data)},
+            scaling_config=ray.train.ScalingConfig(num_workers=ft.num_workers, use_gpu=ft.use_gpu,
+                                                   resources_per_worker=resources),
+            run_config=ray.train.RunConfig(
+                name=CHECKPOINTS, storage_path=output,
+                checkpoint_config=ray.train.CheckpointConfig(
+                    num_to_keep=ft.keep_checkpoints,
+                    checkpoint_score_attribute="dev_ppl" if len(data.dev) else "step",
+                    checkpoint_score_order="min" if len(data.dev) else "max"),
+                failure_config=ray.train.FailureConfig(max_failures=ft.max_failures),
+                callbacks=[_progress_logger_cls()(str(log_dir), ft.max_steps)],
+                worker_runtime_env={"env_vars": env},
+                logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+        )
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as e:
+            raise RuntimeError(f"fine-tuning failed: {e}\nThe checkpoints in {output}/{CHECKPOINTS} are kept: "
+                               "run the same command again to resume from the latest one.") from e
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+    # The best checkpoint: lowest dev perplexity with calls disabled (the paper's criterion); else the last.
+    candidates = [(c, m) for c, m in (result.best_checkpoints or []) if "step" in m]
+    if not candidates:
+        raise RuntimeError(f"the run reported no checkpoint under {output}/{CHECKPOINTS}")
+    if len(data.dev):
+        best, best_metrics = min(candidates, key=lambda cm: (cm[1]["dev_ppl"], -cm[1]["step"]))
+    else:
+        best, best_metrics = max(candidates, key=lambda cm: cm[1]["step"])
+    last_step = max(m["step"] for _, m in candidates)
+
+    records = load_metrics(log_dir / "metrics.jsonl")
+    this_run = [r for r in records if r.get("time", 0) >= t_start]
+    resumed_from = this_run[0]["start_step"] if this_run and this_run[0].get("start_step") else (
+        last_step if resuming and not this_run else None)
+    png = log_dir / "loss_curve.png"
+    if records:
+        plot_loss_curve(records, png, title=f"fine-tuning {cfg.model.path} on {Path(data_uri).name}")
+
+    with tempfile.TemporaryDirectory(prefix="ft-export-") as tmp:
+        export_dir = Path(tmp) / "model"
+        with best.as_directory() as ckpt_dir:
+            diff = export_checkpoint(ckpt_dir, model_dir, export_dir, ft.export_dtype, metadata={
+                "base_model": str(model_dir), "base_model_revision": parts["model_revision"],
+                "checkpoint": best.path, "step": best_metrics["step"], "dev_ppl": best_metrics.get("dev_ppl"),
+                "fingerprint": fingerprint, "data": data_uri, "finetune": ft.model_dump(mode="json")})
+        model_uri = f"{output}/model"
+        _publish_dir(export_dir, model_uri)
+    if not _is_local(output):
+        for name in ("metrics.jsonl", "loss_curve.png"):
+            if (log_dir / name).is_file():
+                fs.put(str(log_dir / name), f"{root}/{name}")
+        if (log_dir / "tensorboard").is_dir():
+            fs.put(str(log_dir / "tensorboard") + "/", f"{root}/tensorboard/", recursive=True)
+    losses = [r["loss"] for r in records if "loss" in r]
+    return FinetuneResult(
+        output=output, model_dir=model_uri, steps=last_step, max_steps=ft.max_steps, resumed_from=resumed_from,
+        best_step=int(best_metrics["step"]), best_checkpoint=best.path, best_dev_ppl=best_metrics.get("dev_ppl"),
+        first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
+        export_max_abs_diff=diff, data_stats=data.stats, elapsed_s=time.time() - t_start,
+        loss_curve=f"{output}/loss_curve.png" if records else None, tensorboard=f"{output}/tensorboard")
