@@ -100,60 +100,76 @@ def infer(
 
 @app.command("eval")
 def evaluate(
-    task: list[str] = typer.Option(..., "--task", help="math | lama | qa | temporal (repeatable)."),
-    data: list[str] = typer.Option(..., "--data", help="Data file for each --task, in the same order."),
-    model: list[str] = typer.Option(None, "--model", "-m", help="Model directories (repeatable; default: the config's)."),
+    task: Optional[list[str]] = typer.Option(None, "--task", help="math | lama | qa | temporal | perplexity (repeatable; default: eval.tasks)."),
+    data: Optional[list[str]] = typer.Option(None, "--data", help="Data file for each --task, in the same order (default: eval.data.<task>); temporal also takes dateset[:N[:seed]]."),
+    model: Optional[list[str]] = typer.Option(None, "--model", "-m", help="Model directories (repeatable; default: the config's)."),
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[list[str]] = SetOpt,
-    modes: list[str] = typer.Option(["tools", "disabled"], "--mode", help="Decoding modes to compare."),
+    modes: Optional[list[str]] = typer.Option(None, "--mode", help="Decoding modes to compare: tools | disabled | forced (default: eval.modes)."),
     limit: Optional[int] = typer.Option(None, "--limit", "-n", help="First N examples per task."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Where the table, JSON and chart go."),
 ):
     """The paper's zero-shot evaluation, with and without tools: prints a table, writes JSON and a chart."""
-    if len(task) != len(data):
-        _fail("give one --data per --task")
     extra = [f"eval.limit={limit}"] if limit is not None else []
     if output:
         extra.append(f"eval.output={output}")
     cfg = _config(config, overrides, extra)
+    task = list(task or [])
+    data = list(data or [])
+    if data and len(task) != len(data):
+        _fail("give one --data per --task")
+    if task and not data:
+        missing = [t for t in task if t not in cfg.eval.data]
+        if missing:
+            _fail(f"give --data for {', '.join(missing)} (or set eval.data.<task> in the config)")
+        data = [cfg.eval.data[t] for t in task]
     from toolformer_ray.evaluation import run_eval
 
-    report = run_eval(cfg, tasks=dict(zip(task, data)), models=list(model or []), modes=list(modes))
+    report = run_eval(cfg, tasks=list(zip(task, data)) or None, models=list(model or []), modes=list(modes or []))
     typer.echo(report.describe())
 
 
 @app.command()
 def index(
-    passages: str = typer.Argument(..., help="Passages jsonl ({id,title,text}); local or s3://."),
+    passages: str = typer.Argument(..., help="Passages jsonl ({id,title,text}; .gz ok); local or s3://."),
     output: str = typer.Argument(..., help="Index directory to write; local or s3://."),
 ):
     """Build the BM25 index that WikiSearch and QA workers load."""
     from toolformer_ray.tools.search_index import build_index
 
     stats = build_index(passages, output)
-    typer.echo(f"indexed {stats['passages']} passages into {output}")
+    skipped = f" ({stats['skipped']} records without text skipped)" if stats["skipped"] else ""
+    typer.echo(f"indexed {stats['passages']} passages into {output}{skipped}: "
+               f"{stats['vocabulary']} terms, build {stats['build_id']}, {stats['seconds']} s")
 
 
 @app.command()
 def tool(
-    name: str = typer.Argument(..., help="Tool name, e.g. Calculator."),
-    input: str = typer.Argument("", help="The call's input, e.g. '400/1400'."),
+    name: str = typer.Argument(..., help="Tool name: Calculator, Calendar, WikiSearch, QA or MT."),
+    input: str = typer.Argument("", help="The call's input, e.g. '400/1400' (nothing for Calendar)."),
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[list[str]] = SetOpt,
-    date: Optional[str] = typer.Option(None, help="Document date for Calendar (ISO)."),
+    date: Optional[str] = typer.Option(None, help="The document's date for Calendar (ISO; default: today)."),
 ):
-    """Run one tool on one input and print its result (or why there is none)."""
+    """Run one tool on one input and print its result (or why there is none), as a worker would."""
     cfg = _config(config, overrides)
     from toolformer_ray.tools import build_tool
+    from toolformer_ray.tools.base import clean_result
 
     options = cfg.tools[name].options if name in cfg.tools else {}
     try:
         t = build_tool(name, options)
     except KeyError as e:
         raise UserError(str(e.args[0])) from None
-    result = t.run([input], dates=[date])[0]
+    if t.uses_date and date is None:
+        import datetime
+
+        date = datetime.date.today().isoformat()
+    t.load()
+    result = clean_result(t.run([input], dates=[date])[0])
     if result is None:
-        typer.echo(f"{name}({input}) -> no result")
+        reason = t.diagnose(input, date) or "the tool returned no result"
+        typer.echo(f"{name}({input}) -> no result: {reason}")
         raise typer.Exit(1)
     typer.echo(result)
 
