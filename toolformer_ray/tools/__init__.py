@@ -18,14 +18,20 @@ def register(cls: type[Tool]) -> type[Tool]:
     return cls
 
 
+_discovered = False
+
+
 def _discover() -> None:
+    global _discovered
     for mod in pkgutil.iter_modules(__path__):
         if mod.name not in ("base", "pool"):
             importlib.import_module(f"{__name__}.{mod.name}")
+    _discovered = True
 
 
 def tool_class(name: str) -> type[Tool]:
-    if not REGISTRY:
+    # Not "if not REGISTRY": importing one tool module first (e.g. for a helper) registers only that tool.
+    if name not in REGISTRY and not _discovered:
         _discover()
     if name not in REGISTRY:
         raise KeyError(f"unknown tool {name!r}; known tools: {', '.join(sorted(REGISTRY))}")
