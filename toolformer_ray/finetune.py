@@ -261,9 +261,11 @@ def train_loop(config: dict) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    # Ray 2.60 prints every report (with its whole metrics dict) at INFO despite LoggingConfig; the
-    # controller's progress line says the same in one line.
-    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+    # Ray 2.60 logs every report (with its whole metrics dict) at INFO on a logger named by its file path,
+    # outside "ray.train", so LoggingConfig does not quiet it; the controller's progress line says the same.
+    from ray.train.v2._internal.execution import context as _ray_context
+
+    logging.getLogger(_ray_context.__file__).setLevel(logging.WARNING)
     spec: TrainSpec = config["spec"]
     data: FinetuneData = ray.get(config["data"])
     ctx = ray.train.get_context()
@@ -649,9 +651,9 @@ def run_finetune(cfg: Config) -> FinetuneResult:
             {"fingerprint": parts, "fingerprint_hash": fingerprint, "data": data_uri, "model": str(model_dir),
              "data_stats": data.stats, "finetune": ft.model_dump(mode="json")}, indent=1).encode())
 
-    # Logs are written where the controller runs (the driver's node); for s3:// they are staged locally.
-    log_dir = Path(output) if _is_local(output) else Path(cfg.model.cache_dir).resolve().parent / "finetune-logs" / \
-        hashlib.sha256(output.encode()).hexdigest()[:16]
+    # Logs are written where the controller runs (the driver's node); for s3:// they are staged in a
+    # temporary folder and uploaded at the end.
+    log_dir = Path(output) if _is_local(output) else Path(tempfile.mkdtemp(prefix="ft-logs-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     if not resuming:  # a fresh run: the logs of an earlier, unfinished attempt do not belong to it
         (log_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -746,6 +748,7 @@ def run_finetune(cfg: Config) -> FinetuneResult:
                 fs.put(str(log_dir / name), f"{root}/{name}")
         if (log_dir / "tensorboard").is_dir():
             fs.put(str(log_dir / "tensorboard") + "/", f"{root}/tensorboard/", recursive=True)
+        shutil.rmtree(log_dir, ignore_errors=True)
     losses = [r["loss"] for r in records if "loss" in r]
     return FinetuneResult(
         output=output, model_dir=model_uri, steps=last_step, max_steps=ft.max_steps, resumed_from=resumed_from,
