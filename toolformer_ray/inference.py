@@ -592,7 +592,9 @@ def load_tools(cfg: "Config", names: list[str] | None = None, strict: bool = Tru
     for name in names:
         options = cfg.tools[name].options if name in cfg.tools else {}
         try:
-            tools[name] = build_tool(name, options)
+            tool = build_tool(name, options)
+            tool.load()  # an index or model that cannot be loaded fails here, not as silent "no result"
+            tools[name] = tool
         except KeyError as e:
             if strict:
                 raise UserError(str(e.args[0])) from None
