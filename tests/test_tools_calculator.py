@@ -186,6 +186,7 @@ def check_against_fraction(tree, spell) -> None:
 
 # Inputs in the fuzz: 2,000 hypothesis trees (shrinkable) + 500 x 16 trees from a hypothesis-seeded
 # generator (volume at low cost) + 2,000 garbage strings = 12,000.
+@pytest.mark.slow
 @settings(max_examples=2000, deadline=None, database=None, derandomize=True,
           suppress_health_check=list(HealthCheck))
 @given(tree=_tree(), data=st.data())
@@ -212,6 +213,7 @@ def _random_tree(rng, budget: int):
     return ("paren", _random_tree(rng, budget - 1))
 
 
+@pytest.mark.slow
 @settings(max_examples=500, deadline=None, database=None, derandomize=True,
           suppress_health_check=list(HealthCheck))
 @given(rng=st.randoms(use_true_random=False))

@@ -175,3 +175,25 @@ def test_ray_pool_start_errors_are_user_errors(ray_local):
         RayToolExecutor({"WikiSearch": ToolConfig(options={"index": "/nonexistent/index"})})
     with pytest.raises(UserError, match="did not start"):
         RayToolExecutor({"Calculator": ToolConfig(worker_cpus=64)}, start_timeout_s=3)
+
+
+class Fragile(Flaky):
+    """Loads only while no "broken" marker exists: a worker that dies after that cannot be replaced."""
+    name = "Fragile"
+
+    def load(self):
+        if (Path(self.options.marker_dir) / "broken").exists():
+            raise UserError("resource gone")
+
+
+@pytest.mark.slow
+def test_ray_pool_that_cannot_restart_fails_calls_instead_of_hanging(ray_local, tmp_path):
+    cfg = {"Fragile": flaky_config(tmp_path, workers=1, max_retries=1)}
+    with RayToolExecutor(cfg, tool_classes={"Fragile": Fragile}) as ex:
+        assert ex.run("Fragile", ["a"]) == ["ok:a"]
+        (tmp_path / "broken").write_text("")
+        assert ex.submit("Fragile", ["poison", "b"]).get(timeout=120) == [None, None]
+        assert "resource gone" in ex.pool_errors()["Fragile"]
+        assert ex.run("Fragile", ["c"]) == [None]  # a broken pool answers at once
+        s = ex.stats()["Fragile"]
+        assert s["failures"] == 3 and s["executed"] == 1 and s["worker_restarts"] >= 3

@@ -121,7 +121,7 @@ class _Executor:
                 raise RuntimeError("the tool executor has been shut down")
             stats = self._stats[tool]
             for inp, date in zip(inputs, dates):
-                inp = inp if isinstance(inp, str) else ""
+                inp = inp if isinstance(inp, str) else str(inp)  # None -> "None": no result, not a crash
                 date = date if cls.uses_date else None
                 key = (tool, cls.version, inp, date)
                 stats.calls += 1
@@ -509,10 +509,10 @@ class RayToolExecutor(_Executor):
             if pool.start_failures <= max(3, pool.config.max_retries + 1):
                 self._start(pool, slot)
                 return
-            pool.broken = f"workers cannot start: {reason}"
             slot.state = "dead"
             if any(s.state != "dead" for s in pool.slots):
                 return  # the other workers carry on
+            pool.broken = f"workers cannot start: {reason}"
             leftovers = list(pool.queue) + list(pool.retry)
             pool.queue.clear()
             pool.retry.clear()
