@@ -336,3 +336,13 @@ def test_bad_arguments_are_clear_errors(lm):
         dec.generate(["x"], mode="forced", allowed_tools=[])
     assert dec.generate([""], max_new_tokens=3)[0].n_generated == 3  # an empty prompt still decodes
 
+
+
+def test_a_tool_that_hangs_times_out_with_an_empty_result(lm):
+    proc = Script([enc(lm, "Go") + enc(lm, " [TestAdd(1+1) ->")])
+    for async_tools in (False, True):
+        slow = AddTool(delay=1.5)
+        t0 = time.monotonic()
+        t = make_decoder(lm, [slow], proc, tool_timeout_s=0.2, async_tools=async_tools).generate(["Go"])[0]
+        assert time.monotonic() - t0 < 1.4
+        assert t.calls[0].status == "error" and t.text.startswith(" [TestAdd(1+1) ->]")

@@ -25,6 +25,8 @@ from __future__ import annotations
 import bisect
 import concurrent.futures as cf
 import datetime as _dt
+import sys
+import time
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
@@ -99,6 +101,7 @@ class _Row:
     n_generated: int = 0
     finish: str | None = None
     future: object = None  # async tool future
+    wait_since: float = 0.0  # when its tool was started (async timeout)
     pending: tuple | None = None  # (call, start char) of the call whose tool is running
 
 
@@ -234,8 +237,8 @@ class ToolDecoder:
         tool_requests: list[tuple[_Row, object]] = []
         rebuild = False
         for i, r in enumerate(active):
-            if r.phase == "wait":  # async: has the tool finished?
-                if not r.future.done():
+            if r.phase == "wait":  # async: has the tool finished (or run out of time)?
+                if not r.future.done() and time.monotonic() - r.wait_since < self.cfg.tool_timeout_s:
                     feed.append(None)
                     continue
                 self._tool_done(r, *self._collect(r))
@@ -270,9 +273,11 @@ class ToolDecoder:
                     r.gen_ids += list(r.forced)
                     r.forced.clear()
                     rebuild = True
-        if all(r.phase == "wait" or r.finish for r in active) and any(r.phase == "wait" for r in active):
-            # Nothing else to decode: block until a tool is done instead of feeding holes.
-            cf.wait([r.future for r in active if r.phase == "wait"], return_when=cf.FIRST_COMPLETED)
+        waiting = [r for r in active if r.phase == "wait"]
+        if waiting and all(r.phase == "wait" or r.finish for r in active):
+            # Nothing else to decode: block until a tool is done (or times out) instead of feeding holes.
+            left = min(r.wait_since for r in waiting) + self.cfg.tool_timeout_s - time.monotonic()
+            cf.wait([r.future for r in waiting], timeout=max(0.0, left), return_when=cf.FIRST_COMPLETED)
         return feed, rebuild
 
     def _advance(self, r: _Row, tok: int):
@@ -344,6 +349,7 @@ class ToolDecoder:
                 r.pending = (call, k)
                 r.future = fut
                 r.phase = "wait"
+                r.wait_since = time.monotonic()
         if self.cfg.async_tools:
             return
         futures = {r.future for r, _ in requests if r.phase == "wait"}
@@ -628,7 +634,11 @@ def run_infer(cfg: "Config", prompts: list[str], mode: str = "tools", tools: lis
     date = date or _dt.date.today().isoformat()
     built = {}
     if mode != "disabled":
-        built, _ = load_tools(cfg, tools, strict=True)
+        # Tools asked for by name must load; of the config's tools, those that cannot (no index, no weights)
+        # are left out with a warning.
+        built, failed = load_tools(cfg, tools, strict=tools is not None)
+        for name, why in failed.items():
+            print(f"warning: tool {name} unavailable ({why})", file=sys.stderr)
     decoder = decoder_from_config(cfg, tools=built)
     try:
         return decoder.generate(prompts, mode=mode, allowed_tools=list(built), dates=[date] * len(prompts),
