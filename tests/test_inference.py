@@ -346,3 +346,16 @@ def test_a_tool_that_hangs_times_out_with_an_empty_result(lm):
         t = make_decoder(lm, [slow], proc, tool_timeout_s=0.2, async_tools=async_tools).generate(["Go"])[0]
         assert time.monotonic() - t0 < 1.4
         assert t.calls[0].status == "error" and t.text.startswith(" [TestAdd(1+1) ->]")
+
+
+def test_marker_token_with_text_after_it_is_cut_at_the_marker(lm):
+    # With "=" as the result marker, the model's token "=(" carries text past the marker: the row keeps
+    # "=" (re-tokenised) and the result follows; the cache holds exactly the tokens of the transcript.
+    markers = Markers(start=" [", result=" =", end="]")
+    proc = Script([enc(lm, "Go") + enc(lm, " [TestAdd(3+4)=(")])
+    dec = ToolDecoder(lm.model, lm.tokenizer, {"TestAdd": AddTool()}, markers,
+                      InferenceConfig(max_new_tokens=12, top_k_start=1), logits_processor=proc)
+    t = dec.generate(["Go"])[0]
+    assert t.text.startswith(" [TestAdd(3+4)= 7]")
+    assert t.calls[0].result == "7"
+    assert check_logits_match_from_scratch(lm, proc) >= 12

@@ -259,11 +259,11 @@ class ToolDecoder:
             r.gen_ids.append(tok)
             if forced_kind != "result":
                 r.n_generated += 1
-            feed.append(tok)
             if forced_kind is None or forced_kind == "marker":
-                request = self._advance(r, tok)
+                request = self._advance(r, tok)  # may replace the token (a marker with text after it)
                 if request is not None:
                     tool_requests.append((r, request))
+            feed.append(r.gen_ids[-1] if r.finish is None else None)
             if r.finish is None and r.n_generated >= self._max_new and not r.forced:
                 self._end(r, "length")
         if tool_requests:
