@@ -17,12 +17,12 @@ from toolformer_ray.api_text import Markers
 from toolformer_ray.config import InferenceConfig
 from toolformer_ray.inference import ToolDecoder
 from toolformer_ray.models import load_model
-from toolformer_ray.tools import REGISTRY, register
 from toolformer_ray.tools.base import Tool
 
 
 class AddTool(Tool):
-    """Test-only tool: sums "a+b+..."; no result for anything else. Counts its calls."""
+    """Test-only tool: sums "a+b+..."; no result otherwise; counts its calls. Not registered: the decoder
+    takes a plain dict of tools."""
     name = "TestAdd"
 
     def __init__(self, options=None, delay: float = 0.0):
@@ -67,10 +67,6 @@ class DateTool(Tool):
     def run(self, inputs, dates=None):
         return [f"Today is {d}." for d in dates]
 
-
-for cls in (AddTool, EchoTool, BrokenTool, DateTool):
-    if REGISTRY.get(cls.name) is None:
-        register(cls)
 
 
 @pytest.fixture(scope="module")
