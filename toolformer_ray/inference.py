@@ -13,8 +13,9 @@ How it works:
   suffix " r]" (or "]" for no result / an error) is then fed one token per step FROM THE KEPT KV CACHE,
   while the other rows keep decoding. With `async_tools` a row waiting on a slow tool feeds masked
   placeholder positions ("holes") until its result arrives instead of holding up the batch.
-- `resume="reencode"` is the baseline the benchmark compares with: after a call the whole batch is
-  re-encoded from its tokens, as a loop that calls `generate` again on the new text would do.
+- `resume="reencode"` is the baseline the benchmark compares with: after a tool result the row's whole
+  sequence (prompt, text so far, result) is encoded again as a fresh prompt and merged back into the
+  batch, as a loop that calls `generate` again on the new text would do; the other rows are unaffected.
 
 Modes: "tools" (the paper's rule), "disabled" (p(API-start) = 0: the start token is masked) and "forced"
 (ablation: every output begins with a call; the model picks the tool among the allowed ones and writes
@@ -102,6 +103,7 @@ class _Row:
     finish: str | None = None
     future: object = None  # async tool future
     wait_since: float = 0.0  # when its tool was started (async timeout)
+    reencode: bool = False  # baseline: re-encode this row's whole sequence before its next step
     pending: tuple | None = None  # (call, start char) of the call whose tool is running
 
 
@@ -191,30 +193,32 @@ class ToolDecoder:
                     r.n_fed = len(r.prompt_ids)
                 active += new
                 logits = new_logits if logits is None else torch.cat([logits, new_logits])
-            feed, rebuild = self._choose(active, logits)
-            keep = [i for i, r in enumerate(active) if r.finish is None]
+            feed = self._choose(active, logits)
+            # Rows that leave the batch: finished ones, and (baseline) rows to re-encode after a tool result.
+            keep = [i for i, r in enumerate(active) if r.finish is None and not r.reencode]
+            moved = [r for r in active if r.finish is None and r.reencode]
+            if moved and not batch.can_merge:  # cannot merge rows back in: re-encode the whole batch
+                keep, moved = [], [active[i] for i in keep] + moved
             if len(keep) < len(active):
                 active = [active[i] for i in keep]
                 feed = [feed[i] for i in keep]
                 logits = logits[keep]
-                batch.select(keep)
-                if not active:
-                    batch = _KVBatch(self.model, self.pad_id)
-                    logits = None
-                    continue
-            if not rebuild and all(t is None for t in feed):
-                continue  # every row waits on a tool (and _choose waited for one): nothing to feed
-            if rebuild:
-                batch = _KVBatch(self.model, self.pad_id)
-                logits = batch.add([r.prompt_ids + r.gen_ids for r in active])
-                for r in active:
-                    r.n_fed = len(r.prompt_ids) + len(r.gen_ids)
-            else:
+                if active:
+                    batch.select(keep)
+                else:
+                    batch, logits = _KVBatch(self.model, self.pad_id), None
+            if active and any(t is not None for t in feed):
                 logits = batch.step(feed, [r.n_fed for r in active])
                 for r, t in zip(active, feed):
                     r.n_fed += t is not None
+            if moved:  # the baseline: encode each such row's whole sequence again, as a fresh prompt
+                new_logits = batch.add([r.prompt_ids + r.gen_ids for r in moved])
+                for r in moved:
+                    r.n_fed, r.reencode = len(r.prompt_ids) + len(r.gen_ids), False
+                active += moved
+                logits = new_logits if logits is None else torch.cat([logits, new_logits])
 
-    def _choose(self, active: list[_Row], logits: torch.Tensor) -> tuple[list[int | None], bool]:
+    def _choose(self, active: list[_Row], logits: torch.Tensor) -> list[int | None]:
         """Pick each row's next token (None = a hole while its tool runs); run the tools that were asked for."""
         logits = logits.float()
         if self.logits_processor is not None:
@@ -235,7 +239,6 @@ class ToolDecoder:
 
         feed: list[int | None] = []
         tool_requests: list[tuple[_Row, object]] = []
-        rebuild = False
         for i, r in enumerate(active):
             if r.phase == "wait":  # async: has the tool finished (or run out of time)?
                 if not r.future.done() and time.monotonic() - r.wait_since < self.cfg.tool_timeout_s:
@@ -243,9 +246,7 @@ class ToolDecoder:
                     continue
                 self._tool_done(r, *self._collect(r))
                 if self._resume == "reencode":
-                    r.gen_ids += list(r.forced)
-                    r.forced.clear()
-                    rebuild = True
+                    self._append_forced(r)
                     feed.append(None)
                     continue
             if r.forced:
@@ -270,15 +271,20 @@ class ToolDecoder:
             self._start_tools(tool_requests)
             for r, _ in tool_requests:
                 if r.phase != "wait" and self._resume == "reencode":
-                    r.gen_ids += list(r.forced)
-                    r.forced.clear()
-                    rebuild = True
+                    self._append_forced(r)
         waiting = [r for r in active if r.phase == "wait"]
         if waiting and all(r.phase == "wait" or r.finish for r in active):
             # Nothing else to decode: block until a tool is done (or times out) instead of feeding holes.
             left = min(r.wait_since for r in waiting) + self.cfg.tool_timeout_s - time.monotonic()
             cf.wait([r.future for r in waiting], timeout=max(0.0, left), return_when=cf.FIRST_COMPLETED)
-        return feed, rebuild
+        return feed
+
+    @staticmethod
+    def _append_forced(r: _Row) -> None:
+        # Baseline: the tool result goes straight into the sequence, which is then re-encoded whole.
+        r.gen_ids += list(r.forced)
+        r.forced.clear()
+        r.reencode = True
 
     def _advance(self, r: _Row, tok: int):
         """Update a row's state after it took a model-chosen token; returns a call to run, if any."""
