@@ -97,23 +97,25 @@ def test_zero2_checkpoint_resume_and_export(ray_session, corpus, tmp_path, monke
     monkeypatch.delenv(FAIL_AT_STEP_ENV)
     assert (out / "checkpoints" / "step_000002" / "latest").is_file()
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines] == [1, 2, 3]
+    assert [r["step"] for r in lines] == [0, 1, 2, 3]  # 0: the base model's dev perplexity
 
     # Run 2 resumes at step 2 and redoes step 3 exactly.
     result = run_finetune(cfg)
     assert result.resumed_from == 2 and result.steps == 4
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines] == [1, 2, 3, 3, 4]
-    assert lines[3]["start_step"] == 2
-    assert lines[3]["loss"] == pytest.approx(lines[2]["loss"], rel=1e-5)
+    assert [r["step"] for r in lines] == [0, 1, 2, 3, 3, 4]
+    assert lines[4]["start_step"] == 2
+    assert lines[4]["loss"] == pytest.approx(lines[3]["loss"], rel=1e-5)
     records = load_metrics(out / "metrics.jsonl")
-    assert records[-1]["loss"] < records[0]["loss"]  # the loss falls
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 4 and losses[-1] < losses[0]  # the loss falls
     assert result.last_loss < result.first_loss
 
     # Best checkpoint = lowest dev perplexity with calls disabled; exported and loadable.
     dev = {r["step"]: r["dev_ppl"] for r in records if "dev_ppl" in r}
-    assert set(dev) == {2, 4} and result.best_step == min(dev, key=dev.get)
-    assert result.best_dev_ppl == pytest.approx(dev[result.best_step])
+    assert set(dev) == {0, 2, 4} and result.base_dev_ppl == pytest.approx(dev.pop(0))
+    assert result.best_step == min(dev, key=dev.get) and result.best_dev_ppl == pytest.approx(dev[result.best_step])
+    assert result.best_dev_ppl < result.base_dev_ppl
     model_dir = Path(result.model_dir)
     for name in ("model.safetensors", "config.json", "tokenizer.json", "finetune.json"):
         assert (model_dir / name).is_file(), name

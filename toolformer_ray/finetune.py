@@ -23,7 +23,9 @@ checkpoint (weights, optimizer, lr schedule) and continue at its step. The rows 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import math
@@ -306,6 +308,9 @@ def train_loop(config: dict) -> None:
         start_step = int(client["step"])
 
     n_rows = len(data.train)
+    if start_step == 0 and len(data.dev):  # the base model's dev perplexity: the baseline to beat
+        base = evaluate_dev(engine, data.dev, plan.micro, rank, world, device, spec.api_start_token)
+        ray.train.report({"step": 0, **base})
     engine.train()
     for step in range(start_step, spec.max_steps):
         if spec.fail_at_step is not None and step + 1 == spec.fail_at_step:
@@ -313,8 +318,9 @@ def train_loop(config: dict) -> None:
         t0 = time.perf_counter()
         rows = plan.step_rows(step, n_rows, spec.seed)  # [accumulation, workers, micro]
         targets = data.train.n_targets(rows.ravel())
-        nll_sum = 0.0
+        nll_sum, t_compute = 0.0, 0.0
         for a in range(plan.accumulation):
+            t_micro = time.perf_counter()
             batch = gather_rows(data.train, rows[a, rank])
             ids, logits = _forward_logits(engine, batch, device)
             nll, mask = token_nll(logits, ids, torch.from_numpy(batch["loss_mask"]).to(device))
@@ -322,7 +328,8 @@ def train_loop(config: dict) -> None:
             # Token-weighted mean over the whole global batch: DeepSpeed averages gradients over workers,
             # so each micro-batch's sum is scaled by world / (targets in the global batch).
             engine.backward(micro_nll * (world / max(targets, 1)), scale_wrt_gas=False)
-            engine.step()
+            t_compute += time.perf_counter() - t_micro  # forward + backward (+ ZeRO's gradient reduction)
+            engine.step()  # the optimizer update at the accumulation boundary (+ ZeRO's parameter gather)
             nll_sum += float(micro_nll.detach())
         (nll_total,) = _all_reduce_sum([nll_sum], device)
         elapsed = time.perf_counter() - t0
@@ -333,6 +340,7 @@ def train_loop(config: dict) -> None:
             "lr": spec.lr * lr_factor(step, spec.warmup_steps, spec.max_steps, spec.lr_decay),
             "tokens_per_s": float(data.train.lengths[rows.ravel()].sum()) / elapsed,
             "step_time_s": elapsed,
+            "fwd_bwd_time_s": t_compute,
             "epoch": done * plan.global_batch / n_rows,
             "start_step": start_step,  # > 0: this invocation resumed from a checkpoint at that step
             "bf16": bf16,
@@ -392,8 +400,11 @@ def _progress_logger_cls():
                 if key in m:
                     self._writer.add_scalar(f"dev/{key}", m[key], step)
             self._writer.flush()
-            line = (f"[finetune] step {step}/{self.max_steps}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  "
-                    f"{m['tokens_per_s']:,.0f} tok/s")
+            if "loss" in m:
+                line = (f"[finetune] step {step}/{self.max_steps}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  "
+                        f"{m['tokens_per_s']:,.0f} tok/s")
+            else:
+                line = "[finetune] before training:"
             if "dev_ppl" in m:
                 line += f"  dev ppl {m['dev_ppl']:.4g} (calls disabled)"
             if checkpoint is not None:
@@ -413,6 +424,7 @@ class FinetuneResult:
     best_step: int
     best_checkpoint: str
     best_dev_ppl: float | None  # dev perplexity with calls disabled
+    base_dev_ppl: float | None  # the same for the model before fine-tuning
     first_loss: float | None
     last_loss: float | None
     export_max_abs_diff: float | None  # exported model vs the checkpoint's own logits on a probe
@@ -428,6 +440,8 @@ class FinetuneResult:
                 if self.first_loss is not None and self.last_loss is not None else "")
         lines.append(f"steps: {self.steps}/{self.max_steps}{resumed}{loss}")
         ppl = f", dev perplexity {self.best_dev_ppl:.4g} with calls disabled" if self.best_dev_ppl is not None else ""
+        if self.best_dev_ppl is not None and self.base_dev_ppl is not None:
+            ppl += f" (base model {self.base_dev_ppl:.4g})"
         lines.append(f"best checkpoint: step {self.best_step} ({self.best_checkpoint}){ppl}")
         s = self.data_stats
         if s:
@@ -537,7 +551,10 @@ def plot_loss_curve(records: list[dict], png: str | Path, title: str = "fine-tun
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(7, 4))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     steps = [r["step"] for r in records if "loss" in r]
     ax.plot(steps, [r["loss"] for r in records if "loss" in r], label="train loss", color="tab:blue")
     ax.set_xlabel("optimizer step")
@@ -562,15 +579,19 @@ def export_checkpoint(checkpoint_dir: str | Path, base_model_dir: str | Path, ou
     by the engine when it saved), or None if the checkpoint has no probe."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers.utils import logging as hf_logging
 
     from toolformer_ray.models import load_tokenizer
+
+    hf_logging.disable_progress_bar()
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     checkpoint_dir, base_model_dir, out_dir = Path(checkpoint_dir), Path(base_model_dir), Path(out_dir)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir))
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir))  # prints and progress bars
     config = AutoConfig.from_pretrained(base_model_dir)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -726,8 +747,8 @@ def run_finetune(cfg: Config) -> FinetuneResult:
     last_step = max(m["step"] for _, m in candidates)
 
     records = load_metrics(log_dir / "metrics.jsonl")
-    this_run = [r for r in records if r.get("time", 0) >= t_start]
-    resumed_from = this_run[0]["start_step"] if this_run and this_run[0].get("start_step") else (
+    this_run = [r for r in records if r.get("time", 0) >= t_start and "start_step" in r]
+    resumed_from = this_run[0]["start_step"] if this_run and this_run[0]["start_step"] else (
         last_step if resuming and not this_run else None)
     png = log_dir / "loss_curve.png"
     if records:
@@ -753,6 +774,7 @@ def run_finetune(cfg: Config) -> FinetuneResult:
     return FinetuneResult(
         output=output, model_dir=model_uri, steps=last_step, max_steps=ft.max_steps, resumed_from=resumed_from,
         best_step=int(best_metrics["step"]), best_checkpoint=best.path, best_dev_ppl=best_metrics.get("dev_ppl"),
+        base_dev_ppl=next((r["dev_ppl"] for r in records if r["step"] == 0 and "dev_ppl" in r), None),
         first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
         export_max_abs_diff=diff, data_stats=data.stats, elapsed_s=time.time() - t_start,
         loss_curve=f"{output}/loss_curve.png" if records else None, tensorboard=f"{output}/tensorboard")
