@@ -172,8 +172,8 @@ class InferenceConfig(Section):
     temperature: float = Field(0.0, ge=0.0)  # 0 = greedy (the paper); > 0 samples (seeded by run.seed)
     stop: list[str] = []  # strings that end an output (looked for in the text without calls)
     batch_size: int = Field(16, gt=0)  # rows decoding together (continuous batching)
-    # "kv": resume from the kept KV cache after a tool result; "reencode": re-encode the whole batch from its
-    # tokens after each call (the baseline of the decoding benchmark).
+    # "kv": resume from the kept KV cache after a tool result; "reencode": encode the row's whole sequence
+    # again after each tool result (the baseline of the decoding benchmark).
     resume: Literal["kv", "reencode"] = "kv"
     # False: the calls of one step run together (one batched run per tool, tools in parallel threads) and the
     # batch waits; exactly reproducible. True: a row waiting on a tool feeds masked placeholder positions
