@@ -200,10 +200,12 @@ def test_tool_runs_at_marker_and_resume_from_kv_cache_is_exact(lm):
 def test_reencode_baseline_gives_the_same_tokens(lm):
     proc = scripted(lm)
     kv = make_decoder(lm, [AddTool()], proc, batch_size=3).generate(PROMPTS)
-    re = make_decoder(lm, [AddTool()], proc, batch_size=3, resume="reencode").generate(PROMPTS)
-    assert [t.token_ids for t in kv] == [t.token_ids for t in re]
-    assert [t.calls for t in kv] == [t.calls for t in re]
-    assert check_logits_match_from_scratch(lm, proc) >= 3 * 16
+    for resume in ("reencode", "reencode_batch"):
+        proc.seen.clear()
+        re = make_decoder(lm, [AddTool()], proc, batch_size=3, resume=resume).generate(PROMPTS)
+        assert [t.token_ids for t in kv] == [t.token_ids for t in re]
+        assert [t.calls for t in kv] == [t.calls for t in re]
+        assert check_logits_match_from_scratch(lm, proc) >= 3 * 16
 
 
 def test_async_slow_tool_does_not_stall_others_and_stays_exact(lm):
@@ -355,3 +357,16 @@ def test_marker_token_with_text_after_it_is_cut_at_the_marker(lm):
     assert t.text.startswith(" [TestAdd(3+4)= 7]")
     assert t.calls[0].result == "7"
     assert check_logits_match_from_scratch(lm, proc) >= 12
+
+
+def test_results_are_cleaned_like_training_data(lm):
+    class Messy(Tool):
+        name = "TestMessy"
+
+        def run(self, inputs, dates=None):
+            return ["two\nlines [and] brackets"]
+
+    proc = Script([enc(lm, "Go") + enc(lm, " [TestMessy(x) ->")])
+    t = make_decoder(lm, [Messy()], proc).generate(["Go"])[0]
+    assert t.calls[0].result == "two lines (and) brackets"
+    assert t.text.startswith(" [TestMessy(x) -> two lines (and) brackets]")

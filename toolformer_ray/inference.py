@@ -13,9 +13,10 @@ How it works:
   suffix " r]" (or "]" for no result / an error) is then fed one token per step FROM THE KEPT KV CACHE,
   while the other rows keep decoding. With `async_tools` a row waiting on a slow tool feeds masked
   placeholder positions ("holes") until its result arrives instead of holding up the batch.
-- `resume="reencode"` is the baseline the benchmark compares with: after a tool result the row's whole
-  sequence (prompt, text so far, result) is encoded again as a fresh prompt and merged back into the
-  batch, as a loop that calls `generate` again on the new text would do; the other rows are unaffected.
+- Baselines for the benchmark: `resume="reencode"` encodes the row's whole sequence (prompt, text so far,
+  result) again after its tool result, as a fresh prompt merged back into the batch (the other rows keep
+  their cache); `resume="reencode_batch"` re-encodes every row of the batch, as a loop that stops `generate`
+  at "->" and calls it again on the new texts does.
 
 Modes: "tools" (the paper's rule), "disabled" (p(API-start) = 0: the start token is masked) and "forced"
 (ablation: every output begins with a call; the model picks the tool among the allowed ones and writes
@@ -37,12 +38,14 @@ import torch
 
 from toolformer_ray.api_text import Markers, parse_call_body, render_result_suffix
 from toolformer_ray.errors import UserError
+from toolformer_ray.tools.base import clean_result
 
 if TYPE_CHECKING:
     from toolformer_ray.config import Config, InferenceConfig
     from toolformer_ray.tools.base import Tool
 
 MODES = ("tools", "disabled", "forced")
+RESUME = ("kv", "reencode", "reencode_batch")
 # Call outcomes. A tool ran for: ok (a result), no_result (the tool returned None), error (it raised or
 # timed out). No tool ran for: closed (the model wrote the end marker without asking for a result),
 # malformed (unparsable call, a newline inside it, or no marker within max_call_tokens; closed with "]"),
@@ -153,8 +156,8 @@ class ToolDecoder:
         if dates is not None and len(dates) != len(prompts):
             raise ValueError("give one date per prompt")
         resume = resume or self.cfg.resume
-        if resume not in ("kv", "reencode"):
-            raise UserError(f"unknown resume {resume!r}; choose kv or reencode")
+        if resume not in RESUME:
+            raise UserError(f"unknown resume {resume!r}; choose one of {', '.join(RESUME)}")
         self._names = names
         self._targets = [f"{n}(" for n in names]
         self._mode = mode
@@ -197,7 +200,7 @@ class ToolDecoder:
             # Rows that leave the batch: finished ones, and (baseline) rows to re-encode after a tool result.
             keep = [i for i, r in enumerate(active) if r.finish is None and not r.reencode]
             moved = [r for r in active if r.finish is None and r.reencode]
-            if moved and not batch.can_merge:  # cannot merge rows back in: re-encode the whole batch
+            if moved and (self._resume == "reencode_batch" or not batch.can_merge):  # re-encode every row
                 keep, moved = [], [active[i] for i in keep] + moved
             if len(keep) < len(active):
                 active = [active[i] for i in keep]
@@ -245,7 +248,7 @@ class ToolDecoder:
                     feed.append(None)
                     continue
                 self._tool_done(r, *self._collect(r))
-                if self._resume == "reencode":
+                if self._resume != "kv":
                     self._append_forced(r)
                     feed.append(None)
                     continue
@@ -270,7 +273,7 @@ class ToolDecoder:
         if tool_requests:
             self._start_tools(tool_requests)
             for r, _ in tool_requests:
-                if r.phase != "wait" and self._resume == "reencode":
+                if r.phase != "wait" and self._resume != "kv":
                     self._append_forced(r)
         waiting = [r for r in active if r.phase == "wait"]
         if waiting and all(r.phase == "wait" or r.finish for r in active):
@@ -374,9 +377,11 @@ class ToolDecoder:
             result = results[k]
         except Exception:  # a tool must not crash decoding: an error is an empty result
             return None, "error"
+        # One line, no brackets, bounded: as results appear in the training data (an "]" would end the call).
+        result = clean_result(result)
         if result is None:
             return None, "no_result"
-        return str(result), "ok"
+        return result, "ok"
 
     def _tool_done(self, r: _Row, result: str | None, status: str) -> None:
         call = r.pending[0]
