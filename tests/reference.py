@@ -84,10 +84,10 @@ def sample_ref(model, tokenizer, context: list[int], marker_ids: list[int], mark
         if temperature == 0:
             tok = int(logp.argmax())
         else:
-            probs = torch.softmax(logp / temperature, -1).double()
+            probs = torch.softmax(logp / temperature, -1)
             cdf = torch.cumsum(probs, 0)
-            u = rng.random()
-            tok = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=torch.float64))[0])
+            u = torch.tensor([rng.random()], dtype=torch.float32)
+            tok = int(torch.searchsorted(cdf, u * cdf[-1])[0])
             tok = min(tok, len(probs) - 1)
         gen.append(tok)
         ids.append(tok)

@@ -219,7 +219,8 @@ def show_config(
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # standalone_mode=False returns a command's exit code instead of exiting: pass it on.
+        sys.exit(app(standalone_mode=False) or 0)
     except (UserError, FileNotFoundError) as e:
         _fail_plain(str(e))
     except typer.Exit as e:

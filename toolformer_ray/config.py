@@ -126,9 +126,13 @@ class RayConfig(Section):
     lm_actors: int = Field(1, gt=0)
     lm_actor_cpus: float = Field(1.0, ge=0.0)
     lm_actor_gpus: float = Field(0.0, ge=0.0)
-    torch_threads: int | None = None  # per LM actor; None = torch's default
+    torch_threads: int | None = None  # per LM actor; None = its CPU count
+    docs_per_task: int = Field(32, gt=0)  # documents per sample/score task sent to an LM actor
+    max_batches_per_actor: int = Field(2, gt=0)  # tasks queued per LM actor (back-pressure)
+    reader_cpus: float = Field(0.25, ge=0.0)  # per shard-reading task
     not_hashed: ClassVar[frozenset[str]] = frozenset(
-        {"address", "num_cpus", "lm_actors", "lm_actor_cpus", "lm_actor_gpus", "torch_threads"})
+        {"address", "num_cpus", "lm_actors", "lm_actor_cpus", "lm_actor_gpus", "torch_threads", "docs_per_task",
+         "max_batches_per_actor", "reader_cpus"})
 
 
 class FinetuneConfig(Section):

@@ -32,7 +32,11 @@ def decoder(model):
 
 def hidden_states(model, input_ids: torch.Tensor, past_key_values=None, attention_mask=None,
                   position_ids=None, use_cache: bool = False):
-    """Final-layer hidden states (after the final norm) and the cache."""
+    """Final-layer hidden states (after the final norm) and the cache. Inputs move to the model's device."""
+    dev = model.device
+    input_ids = input_ids.to(dev)
+    attention_mask = attention_mask.to(dev) if attention_mask is not None else None
+    position_ids = position_ids.to(dev) if position_ids is not None else None
     out = decoder(model)(input_ids=input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
                          position_ids=position_ids, use_cache=use_cache)
     return out.last_hidden_state, out.past_key_values

@@ -120,10 +120,11 @@ def start_pass(model, tokenizer, prompt: ToolPrompt, docs: list[TokenizedDoc], t
     for b, (inp, d) in enumerate(zip(inputs, docs)):
         row_idx += [b] * len(d.ids)
         pos_idx += range(len(inp) - 1, len(inp) - 1 + len(d.ids))
-    flat = hidden[torch.tensor(row_idx, dtype=torch.long), torch.tensor(pos_idx, dtype=torch.long)]
+    flat = hidden[torch.tensor(row_idx, dtype=torch.long, device=hidden.device),
+                  torch.tensor(pos_idx, dtype=torch.long, device=hidden.device)]
     p_flat = torch.cat([torch.softmax(logits_from_hidden(model, flat[s:s + LOGIT_CHUNK]), -1)[:, start_id]
                         for s in range(0, len(flat), LOGIT_CHUNK)]) if len(flat) else torch.zeros(0)
-    p_list = p_flat.double().tolist()
+    p_list = p_flat.double().cpu().tolist()
     probs, k = [], 0
     for d in docs:
         probs.append(p_list[k:k + len(d.ids)])
@@ -168,9 +169,10 @@ def _gather_rows(kv, rows: list[DecodeRow]):
     mask = (src >= 0).long()
     src = src.clamp(min=0)
     layers = []
+    doc_idx, src_dev = doc_idx.to(kv[0][0].device), src.to(kv[0][0].device)
     for k, v in kv:
         kb, vb = k.index_select(0, doc_idx), v.index_select(0, doc_idx)  # [R, H, T, D]
-        idx = src[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        idx = src_dev[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
         layers.append((torch.gather(kb, 2, idx), torch.gather(vb, 2, idx)))
     return layers, mask
 
@@ -180,17 +182,16 @@ def _sample(logits: torch.Tensor, rngs: list[np.random.Generator], temperature: 
     with the row's own uniform draw (so a row's sample does not depend on the rest of the batch)."""
     if temperature == 0:
         return logits.argmax(-1).tolist()
-    probs = torch.softmax(logits / temperature, dim=-1)
-    u = torch.tensor([rng.random() for rng in rngs], dtype=torch.float64)
+    probs = torch.softmax(logits / temperature, dim=-1).cpu()
+    u = torch.tensor([rng.random() for rng in rngs], dtype=torch.float32)
+    order = None
     if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        keep = (sorted_p.cumsum(-1) - sorted_p) < top_p  # the smallest prefix with mass >= top_p
-        sorted_p = sorted_p * keep
-        cdf = sorted_p.double().cumsum(-1)
-        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=probs.shape[-1] - 1)
-        return order.gather(1, pick).squeeze(1).tolist()
-    cdf = probs.double().cumsum(-1)
+        probs, order = probs.sort(dim=-1, descending=True)
+        probs = probs * ((probs.cumsum(-1) - probs) < top_p)  # the smallest prefix with mass >= top_p
+    cdf = probs.cumsum(-1)
     pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=probs.shape[-1] - 1)
+    if order is not None:
+        pick = order.gather(1, pick)
     return pick.squeeze(1).tolist()
 
 
@@ -216,7 +217,8 @@ def decode_calls(model, tokenizer, kv, rows: list[DecodeRow], marker_ids: list[i
     marker_lp = torch.zeros(R, dtype=torch.float64)
     if M > 1:
         lp = torch.log_softmax(logits_from_hidden(model, hidden[:, :-1]), -1)
-        marker_lp = lp.gather(2, torch.tensor([marker_ids[1:]] * R)[:, :, None]).squeeze(2).double().sum(1)
+        later = torch.tensor([marker_ids[1:]] * R, device=lp.device)[:, :, None]
+        marker_lp = lp.gather(2, later).squeeze(2).double().sum(1).cpu()
     outs = [DecodeOut("", float(marker_lp[r])) for r in range(R)]
     if not sample:
         return outs
@@ -240,7 +242,7 @@ def decode_calls(model, tokenizer, kv, rows: list[DecodeRow], marker_ids: list[i
             break
         if len(keep) < len(active):
             sel = torch.tensor(keep, dtype=torch.long)
-            cache.batch_select_indices(sel)
+            cache.batch_select_indices(sel.to(model.device))
             mask, next_pos = mask[sel], next_pos[sel]
             active = [active[b] for b in keep]
             tokens = [tokens[b] for b in keep]

@@ -79,13 +79,14 @@ def _nll_batch(model, requests, batch: list[int], pad_id: int, results) -> None:
             row_idx.append(b)
             pos_idx.append(t - 1)  # the hidden state that predicts token t
             tgt.append(requests[r].ids[t])
-    picked = hidden[torch.tensor(row_idx), torch.tensor(pos_idx)]
-    tgt_t = torch.tensor(tgt)
+    dev = hidden.device
+    picked = hidden[torch.tensor(row_idx, device=dev), torch.tensor(pos_idx, device=dev)]
+    tgt_t = torch.tensor(tgt, device=dev)
     values: list[float] = []
     for s in range(0, len(tgt), LOGIT_CHUNK):  # bounded memory: chunk x vocab float32 logits
         logp = torch.log_softmax(logits_from_hidden(model, picked[s:s + LOGIT_CHUNK]), dim=-1)
         chunk = tgt_t[s:s + LOGIT_CHUNK]
-        values += (-logp[torch.arange(len(chunk)), chunk]).double().tolist()
+        values += (-logp[torch.arange(len(chunk), device=dev), chunk]).double().cpu().tolist()
     k = 0
     for b, r in enumerate(batch):
         for t in requests[r].targets:
