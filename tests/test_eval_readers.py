@@ -177,3 +177,13 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     xml.write_text("<Problem><Body>")
     with pytest.raises(DataError, match="not valid XML"):
         read_task("math", str(xml))
+
+
+def test_templama_cloze():
+    from toolformer_ray.config import EvalConfig
+    from toolformer_ray.evaluation.tasks import prompt_for
+
+    d = read("temporal", "templama.jsonl")
+    assert [(e.question, e.answers) for e in d.examples] == [("Cristiano Ronaldo plays for", ["Juventus F.C."])]
+    assert d.skipped == {"_X_ is not the last word": 1}
+    assert prompt_for("temporal", d.examples[0], EvalConfig()) == "Cristiano Ronaldo plays for"

@@ -10,8 +10,9 @@ lama      LAMA jsonl (SQuAD, Google-RE, T-REx): `masked_sentences` (or `masked_s
           (punctuation may follow) are kept, as in the paper, and the prompt is the text before the mask.
 qa        WebQuestions JSON (`qText`/`answers`, or the original `utterance`/`targetValue`), the DPR TSV
           format (`question<TAB>['answer', ...]`: NQ, TriviaQA) and jsonl (`question` + `answers`/`answer`).
-temporal  SituatedQA-style jsonl (`question` or `edited_question`, `answer`, optional `date`) and the
-          generated Dateset (see dateset.py; also readable back from its jsonl).
+temporal  SituatedQA-style jsonl (`question` or `edited_question`, `answer`, optional `date`), TempLAMA
+          jsonl (`query` "... _X_.", `answer` [{name}], `date`; kept when _X_ is last, the statement is the
+          prompt) and the generated Dateset (see dateset.py; also readable back from its jsonl).
 Paths may be local or any fsspec URI (s3://...).
 """
 from __future__ import annotations
@@ -340,12 +341,18 @@ def read_temporal(path: str, dateset_size: int = 500) -> TaskData:
             continue
         question = rec.get("edited_question") or rec.get("question")
         answers = _answers_value(rec.get("answer", rec.get("answers")))
+        meta = {k: rec[k] for k in ("date", "date_type", "template", "relation") if k in rec}
+        if question is None and isinstance(rec.get("query"), str):  # TempLAMA: "X plays for _X_."
+            question = lama_prompt(rec["query"].replace("_X_", _MASK))
+            if question is None:
+                skipped["_X_ is not the last word"] += 1
+                continue
+            meta["cloze"] = True  # the statement itself is the prompt
         if not question or not answers:
             skipped["no question or no answer"] += 1
             continue
         date = str(rec.get("date")) if rec.get("date") is not None else None
         today = rec.get("today") or (date if date and _ISO_DATE.match(date) else None)
-        meta = {k: rec[k] for k in ("date", "date_type", "template") if k in rec}
         examples.append(Example(str(rec.get("id", i)), " ".join(str(question).split()),
                                 list(dict.fromkeys(answers)), date=today, meta=meta))
     if not examples and not skipped:

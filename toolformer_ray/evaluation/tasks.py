@@ -13,6 +13,8 @@ _DEFAULT_DISALLOWED = {"lama": ["WikiSearch"], "qa": ["QA"]}
 
 
 def prompt_for(task: str, example: Example, eval_cfg) -> str:
+    if example.meta.get("cloze"):  # a statement to complete (TempLAMA), not a question
+        return example.question
     template = eval_cfg.prompts.get(task, _DEFAULT_PROMPTS[task])
     return template.replace("{question}", example.question)
 
