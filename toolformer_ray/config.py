@@ -185,8 +185,11 @@ class InferenceConfig(Section):
     async_tools: bool = False
     tool_threads: int = Field(4, gt=0)
     tool_timeout_s: float = Field(30.0, gt=0)  # a tool slower than this gives an empty result
+    # torch intra-op threads for `infer` / `eval` (None: torch's default). On a machine shared with other jobs
+    # 1 avoids oversubscription, which can make a forward pass several times slower.
+    torch_threads: int | None = Field(None, gt=0)
     not_hashed: ClassVar[frozenset[str]] = frozenset(
-        {"batch_size", "resume", "async_tools", "tool_threads", "tool_timeout_s"})
+        {"batch_size", "resume", "async_tools", "tool_threads", "tool_timeout_s", "torch_threads"})
 
 
 def _default_prompts() -> dict[str, str]:

@@ -623,6 +623,11 @@ def load_tools(cfg: "Config", names: list[str] | None = None, strict: bool = Tru
     return tools, failed
 
 
+def set_torch_threads(n: int | None) -> None:
+    if n is not None:
+        torch.set_num_threads(n)
+
+
 def decoder_from_config(cfg: "Config", lm=None, tools: dict[str, "Tool"] | None = None) -> ToolDecoder:
     from toolformer_ray.models import load_from_config
 
@@ -643,6 +648,7 @@ def run_infer(cfg: "Config", prompts: list[str], mode: str = "tools", tools: lis
         except ValueError:
             raise UserError(f"--date must be an ISO date (yyyy-mm-dd), got {date!r}") from None
     date = date or _dt.date.today().isoformat()
+    set_torch_threads(cfg.inference.torch_threads)
     built = {}
     if mode != "disabled":
         # Tools asked for by name must load; of the config's tools, those that cannot (no index, no weights)

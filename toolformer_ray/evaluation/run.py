@@ -13,7 +13,7 @@ from toolformer_ray.errors import UserError
 from toolformer_ray.evaluation.readers import DataError, TaskData, read_task
 from toolformer_ray.evaluation.report import EvalReport, EvalRow, model_label
 from toolformer_ray.evaluation.tasks import TASKS, allowed_tools, is_correct, prompt_for
-from toolformer_ray.inference import MODES, ToolDecoder, load_tools
+from toolformer_ray.inference import MODES, ToolDecoder, load_tools, set_torch_threads
 
 
 def _progress(msg: str) -> None:
@@ -58,6 +58,7 @@ def run_eval(cfg, tasks: dict[str, str] | list[tuple[str, str]] | None = None, m
         say(f"{task}: {len(data.examples)} examples from {path} ({data.format})")
         datasets.append((task, path, data))
 
+    set_torch_threads(cfg.inference.torch_threads)
     needs_tools = any(m != "disabled" for m in modes) and any(t != "perplexity" for t, _, _ in datasets)
     tools, unavailable = load_tools(cfg, strict=False) if needs_tools else ({}, {})
     for name, why in unavailable.items():
