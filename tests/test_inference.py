@@ -370,3 +370,14 @@ def test_results_are_cleaned_like_training_data(lm):
     t = make_decoder(lm, [Messy()], proc).generate(["Go"])[0]
     assert t.calls[0].result == "two lines (and) brackets"
     assert t.text.startswith(" [TestMessy(x) -> two lines (and) brackets]")
+
+
+def test_transcript_describe(lm):
+    proc = Script([enc(lm, "Go") + enc(lm, " [TestAdd(3+4) ->")])
+    t = make_decoder(lm, [AddTool()], proc).generate(["Go"])[0]
+    lines = t.describe().splitlines()
+    assert lines[0] == "prompt: Go"
+    assert lines[1] == "  call 1: TestAdd(3+4) -> 7  [ok]"
+    assert lines[2].startswith("output:  [TestAdd(3+4) -> 7]") and lines[3] == f"final:  {t.final_text}"
+    t = make_decoder(lm, [AddTool()], max_call_tokens=3).generate(["Go"], mode="forced")[0]
+    assert t.describe().splitlines()[1].startswith("  call 1: '[TestAdd(")

@@ -80,6 +80,9 @@ class Transcript:
     def describe(self) -> str:
         lines = [f"prompt: {self.prompt}"]
         for i, c in enumerate(self.calls, 1):
+            if c.tool is None:  # not a well-formed call: show what the model wrote
+                lines.append(f"  call {i}: {c.text.strip()!r}  [{c.status}]")
+                continue
             shown = "(no result)" if c.result is None else c.result
             lines.append(f"  call {i}: {c.tool}({c.input}) -> {shown}  [{c.status}]")
         lines.append(f"output: {self.text}")
