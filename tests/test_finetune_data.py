@@ -274,3 +274,22 @@ def test_metrics_log_and_loss_curve(tmp_path):
     plot_loss_curve(records, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 1000
     assert math.isfinite(records[-1]["loss"])
+
+
+def test_worker_model_dir_resolves_on_a_node_without_the_drivers_copy(tmp_path):
+    from dataclasses import replace
+
+    from toolformer_ray.finetune import TrainSpec, _worker_model_dir
+    from toolformer_ray.models import directory_revision
+
+    tiny = resolve_model_dir("tiny")
+    spec = TrainSpec(model_dir=str(tiny), model_source="tiny", model_cache=str(tiny.parent),
+                     model_revision=directory_revision(tiny), tiny_seed=0, ds_config={}, plan=batch_plan(2, 1, 2),
+                     lr=1e-5, warmup_steps=0, lr_decay="none", weight_decay=0.0, max_steps=1, checkpoint_every=1,
+                     log_every=1, seed=0, bf16=False, gradient_checkpointing=False, use_gpu=False,
+                     cpus_per_worker=1, fingerprint="x", api_start_token=None, probe_ids=[1])
+    assert _worker_model_dir(spec) == str(tiny)
+    elsewhere = replace(spec, model_dir=str(tmp_path / "not-on-this-node"))
+    assert _worker_model_dir(elsewhere) == str(tiny)
+    with pytest.raises(RuntimeError, match="differs from the driver's"):
+        _worker_model_dir(replace(elsewhere, model_revision="0" * 16))

@@ -162,7 +162,11 @@ def bf16_supported(use_gpu: bool) -> bool:
 @dataclass
 class TrainSpec:
     """Everything a worker needs (plain values: it is pickled to the workers)."""
-    model_dir: str
+    model_dir: str  # resolved on the driver's node
+    model_source: str  # cfg.model.path: resolved again on a node that lacks model_dir (s3://, "default")
+    model_cache: str
+    model_revision: str
+    tiny_seed: int
     ds_config: dict
     plan: BatchPlan
     lr: float
@@ -254,6 +258,19 @@ def probe_logits(engine, probe_ids: list[int], device):
     return logits
 
 
+def _worker_model_dir(spec: TrainSpec) -> str:
+    """The model directory on this worker's node: the driver's, or the same model resolved here."""
+    if Path(spec.model_dir, "config.json").is_file():
+        return spec.model_dir
+    from toolformer_ray.models import directory_revision, resolve_model_dir
+
+    local = resolve_model_dir(spec.model_source, spec.model_cache, spec.tiny_seed)
+    if directory_revision(local) != spec.model_revision:
+        raise RuntimeError(f"model {spec.model_source} on this node ({local}) differs from the driver's "
+                           f"(revision {directory_revision(local)} != {spec.model_revision}); use an s3:// model")
+    return str(local)
+
+
 def train_loop(config: dict) -> None:
     """The Ray Train worker function: one DeepSpeed engine per worker."""
     import deepspeed
@@ -282,7 +299,7 @@ def train_loop(config: dict) -> None:
     ds_config = {**spec.ds_config, "bf16": {"enabled": bf16}}
 
     torch.manual_seed(spec.seed)
-    model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=torch.float32, use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(_worker_model_dir(spec), dtype=torch.float32, use_safetensors=True)
     model.config.use_cache = False
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -606,6 +623,8 @@ def export_checkpoint(checkpoint_dir: str | Path, base_model_dir: str | Path, ou
     model.save_pretrained(out_dir, safe_serialization=True)
     load_tokenizer(base_model_dir).save_pretrained(out_dir)
     (out_dir / "finetune.json").write_text(json.dumps(metadata or {}, indent=1, default=str))
+    for f in out_dir.iterdir():  # save_pretrained leaves the weights 0600; serving may run as another user
+        f.chmod(0o644)
     del model, state
 
     probe = checkpoint_dir / "probe.safetensors"
@@ -688,7 +707,8 @@ def run_finetune(cfg: Config) -> FinetuneResult:
     start_ids = tokenizer(markers.start, add_special_tokens=False).input_ids
     fail_at = os.environ.get(FAIL_AT_STEP_ENV)
     spec = TrainSpec(
-        model_dir=str(model_dir), ds_config=ds_config, plan=plan, lr=ft.lr,
+        model_dir=str(model_dir), model_source=cfg.model.path, model_cache=str(Path(cfg.model.cache_dir).resolve()),
+        model_revision=parts["model_revision"], tiny_seed=cfg.model.tiny_seed, ds_config=ds_config, plan=plan, lr=ft.lr,
         warmup_steps=warmup_steps_for(ft.max_steps, ft.warmup_ratio), lr_decay=ft.lr_decay,
         weight_decay=ft.weight_decay, max_steps=ft.max_steps, checkpoint_every=ft.checkpoint_every,
         log_every=ft.log_every, seed=cfg.run.seed, bf16=ft.bf16, gradient_checkpointing=ft.gradient_checkpointing,
