@@ -124,7 +124,7 @@ def test_sampled_continuations_match_reference(tiny, temperature):
         for i in sorted(rng.sample(range(1, len(td.ids)), 2)):
             for j in range(2):
                 rows.append(DecodeRow(doc=b, ctx_len=sp.doc_offset[b] + i, seed_key=f"{b}|{i}|{j}"))
-    outs = decode_calls(model, tok, sp.kv, rows, marker_ids, markers, seed=7, temperature=temperature,
+    outs = decode_calls(model, tok, sp, rows, marker_ids, markers, seed=7, temperature=temperature,
                         top_p=1.0, max_tokens=10, eos_id=tok.eos_token_id)
     for r, out in zip(rows, outs):
         b = r.doc

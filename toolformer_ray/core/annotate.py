@@ -36,6 +36,7 @@ class Annotator:
         self.seed, self.temperature, self.top_p = seed, temperature, top_p
         self.max_call_tokens, self.batch_docs, self.batch_rows = max_call_tokens, batch_docs, batch_rows
         self.prefix_separator, self.batch_tokens = prefix_separator, batch_tokens
+        self.work_log: list | None = None  # set to a list to record every forward's shape (benchmarks)
         self.bos = bos_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_id = tokenizer.eos_token_id
@@ -81,7 +82,7 @@ class Annotator:
     def _sample_batch(self, name, tool, tc, batch: list[Document], tok_docs, counts, p_seen) -> list[Candidate]:
         docs_t = [tok_docs[d.doc_id] for d in batch]
         sp = start_pass(self.model, self.tokenizer, self.prompts[name], docs_t, [d.text for d in batch],
-                        self.marker_ids[0], self.pad_id)
+                        self.marker_ids[0], self.pad_id, log=self.work_log)
         probs = sp.probs
         if len(self.marker_ids) > 1:
             probs = self._full_marker_probs(sp, docs_t)
@@ -97,9 +98,9 @@ class Annotator:
         counts["calls_sampled"] += len(rows)
         outs = []
         for s in range(0, len(rows), self.batch_rows):
-            outs += decode_calls(self.model, self.tokenizer, sp.kv, rows[s:s + self.batch_rows], self.marker_ids,
+            outs += decode_calls(self.model, self.tokenizer, sp, rows[s:s + self.batch_rows], self.marker_ids,
                                  self.markers, seed=self.seed, temperature=self.temperature, top_p=self.top_p,
-                                 max_tokens=self.max_call_tokens, eos_id=self.eos_id)
+                                 max_tokens=self.max_call_tokens, eos_id=self.eos_id, log=self.work_log)
         found: dict[tuple[int, int], dict[str, Candidate]] = {}
         for (b, i), out in zip([sel for sel in selected for _ in range(tc.m)], outs):
             call = parse_sample(out.text, self.markers, name, tool.takes_input)
@@ -124,8 +125,9 @@ class Annotator:
                 for b, d in enumerate(docs_t) for i in range(len(d.ids))]
         for s in range(0, len(rows), self.batch_rows):
             chunk = rows[s:s + self.batch_rows]
-            outs = decode_calls(self.model, self.tokenizer, sp.kv, chunk, self.marker_ids, self.markers,
-                                seed=0, temperature=0.0, top_p=1.0, max_tokens=0, eos_id=None, sample=False)
+            outs = decode_calls(self.model, self.tokenizer, sp, chunk, self.marker_ids, self.markers,
+                                seed=0, temperature=0.0, top_p=1.0, max_tokens=0, eos_id=None, sample=False,
+                                log=self.work_log)
             for r, out in zip(chunk, outs):
                 i = r.ctx_len - sp.doc_offset[r.doc]
                 probs[r.doc][i] = sp.probs[r.doc][i] * math.exp(out.marker_logprob)
@@ -139,4 +141,5 @@ class Annotator:
         tok_docs = self.tokenize([d for d in docs if d.doc_id in wanted])
         tau_f = {name: tc.tau_f for name, tc in self.tool_configs.items()}
         return score_candidates(self.model, self.tokenizer, tok_docs, candidates, self.markers,
-                                self.prefix_separator, tau_f, self.bos, self.pad_id, self.batch_tokens)
+                                self.prefix_separator, tau_f, self.bos, self.pad_id, self.batch_tokens,
+                                log=self.work_log)

@@ -53,7 +53,7 @@ def prefix_strings(cand: Candidate, markers: Markers, separator: str) -> tuple[s
 
 def score_candidates(model, tokenizer, docs: dict[str, TokenizedDoc], candidates: list[Candidate],
                      markers: Markers, separator: str, tau_f: dict[str, float], bos: list[int], pad_id: int,
-                     batch_tokens: int = 8192) -> list[ScoredCall]:
+                     batch_tokens: int = 8192, log: list | None = None) -> list[ScoredCall]:
     """Losses for every candidate that has a result; one batched pass over all distinct sequences."""
     scorable = [c for c in candidates if c.result is not None]
     prefixes = [prefix_strings(c, markers, separator) for c in scorable]
@@ -75,7 +75,7 @@ def score_candidates(model, tokenizer, docs: dict[str, TokenizedDoc], candidates
             raise ValueError("position 0 cannot be scored without a BOS token")
         requests.append(NllRequest(ids=head + doc.ids, targets=targets))
         offsets.append(offset)
-    nll = token_nll(model, requests, pad_id, batch_tokens)
+    nll = token_nll(model, requests, pad_id, batch_tokens, log)
     by_key = {key: {t - off: v for t, v in res.items()} for key, res, off in zip(keys, nll, offsets)}
 
     scored = []

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from toolformer_ray.api_text import ApiCall, Markers, call_closed, find_calls, parse_generated_call, render
-from toolformer_ray.core.lm import (cache_from_layers, cache_layers, encode, hidden_states, logits_from_hidden,
-                                    pad_batch)
+from toolformer_ray.core.lm import (RowKV, cache_layers, encode, hidden_states, logits_from_hidden, pad_batch,
+                                    prefix_forward)
 
 LOGIT_CHUNK = 1024  # rows of float32 logits materialised at once (x vocab size)
 
@@ -75,7 +75,7 @@ class ToolPrompt:
     tool: str
     prefix_ids: list[int]  # [BOS] + instructions and examples, up to "Input:"
     suffix_text: str  # "\nOutput:" (between the input copy and the output copy)
-    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer [1, kv_heads, P, head_dim]
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer [kv_heads, P, head_dim]
 
     @classmethod
     def build(cls, tool: str, prompt: str, tokenizer, markers: Markers, bos: list[int]) -> "ToolPrompt":
@@ -92,7 +92,7 @@ class ToolPrompt:
     def ensure_kv(self, model) -> None:
         if self.kv is None:
             _, cache = hidden_states(model, torch.tensor([self.prefix_ids]), use_cache=True)
-            self.kv = [(k.clone(), v.clone()) for k, v in cache_layers(cache)]
+            self.kv = [(k[0].clone(), v[0].clone()) for k, v in cache_layers(cache)]
 
 
 # -------------------------------------------------------------------------------------- step 1: p_i pass
@@ -100,21 +100,32 @@ class ToolPrompt:
 class StartPass:
     """Output of the teacher-forced pass for a batch of documents."""
     probs: list[list[float]]  # p_i (first marker token) for each document position
-    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer [B, kv_heads, P + L, head_dim]
-    doc_offset: list[int]  # absolute index of document token 0 in each row (P + len(input copy))
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer [B, kv_heads, L, head_dim]: the rows' own part
+    doc_offset: list[int]  # index of document token 0 in each row (= length of the input copy)
+    prefix_len: int  # P: the shared prompt's length (row token t sits at absolute position P + t)
+    prefix_kv: list[tuple[torch.Tensor, torch.Tensor]]  # the shared prompt's KV, [kv_heads, P, head_dim]
+
+
+def causal_mask(n: int) -> torch.Tensor:
+    return torch.ones(n, n, dtype=torch.bool).tril()
 
 
 @torch.inference_mode()
 def start_pass(model, tokenizer, prompt: ToolPrompt, docs: list[TokenizedDoc], texts: list[str],
-               start_id: int, pad_id: int) -> StartPass:
+               start_id: int, pad_id: int, log: list | None = None) -> StartPass:
+    """One teacher-forced pass over [prompt, input copy, document] for a batch; `log` records the work
+    (for the benchmark's roofline)."""
     prompt.ensure_kv(model)
     P = len(prompt.prefix_ids)
     inputs = [prompt.input_ids(tokenizer, t) for t in texts]
     rows = [inp + d.ids for inp, d in zip(inputs, docs)]
-    ids = pad_batch(rows, pad_id)
-    B = len(rows)
-    cache = cache_from_layers(model, [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in prompt.kv])
-    hidden, cache = hidden_states(model, ids, past_key_values=cache, use_cache=True)
+    ids = pad_batch(rows, pad_id)  # right padding: causal attention keeps it out of real tokens' way
+    B, L = ids.shape
+    if log is not None:
+        log.append(("start", [len(r) for r in rows], P))
+    cache = RowKV.empty(model, B, L)
+    hidden = prefix_forward(model, ids, cache, prompt.kv, causal_mask(L).expand(B, L, L),
+                            (P + torch.arange(L)).expand(B, L))
     # The hidden state at row index len(input)-1+i predicts document token i: p_i = its prob of API-start.
     row_idx, pos_idx = [], []
     for b, (inp, d) in enumerate(zip(inputs, docs)):
@@ -129,7 +140,8 @@ def start_pass(model, tokenizer, prompt: ToolPrompt, docs: list[TokenizedDoc], t
     for d in docs:
         probs.append(p_list[k:k + len(d.ids)])
         k += len(d.ids)
-    return StartPass(probs=probs, kv=cache_layers(cache), doc_offset=[P + len(inp) for inp in inputs])
+    return StartPass(probs=probs, kv=cache.layers(), doc_offset=[len(inp) for inp in inputs], prefix_len=P,
+                     prefix_kv=prompt.kv)
 
 
 # ----------------------------------------------------------------------------------- step 2: positions
@@ -144,7 +156,7 @@ def select_positions(probs: list[float], doc: TokenizedDoc, tau_s: float, k: int
 @dataclass
 class DecodeRow:
     doc: int  # row of the StartPass batch
-    ctx_len: int  # absolute context length (prompt + input copy + x_<i)
+    ctx_len: int  # context after the shared prompt: input copy + x_<i (row tokens of the StartPass)
     seed_key: str  # identifies the sample, for a per-row random stream independent of batching
 
 
@@ -161,12 +173,12 @@ def row_rng(seed: int, key: str) -> np.random.Generator:
 
 
 def _gather_rows(kv, rows: list[DecodeRow]):
-    """Per-layer KV for the rows, left-padded to a common length; mask marks the real positions."""
+    """Per-layer KV for the rows, left-padded to a common length; the mask marks the real positions."""
     C = max(r.ctx_len for r in rows)
     doc_idx = torch.tensor([r.doc for r in rows], dtype=torch.long)
     lens = torch.tensor([r.ctx_len for r in rows], dtype=torch.long)
     src = torch.arange(C)[None, :] - (C - lens)[:, None]  # [R, C]; negative = padding
-    mask = (src >= 0).long()
+    mask = src >= 0
     src = src.clamp(min=0)
     layers = []
     doc_idx, src_dev = doc_idx.to(kv[0][0].device), src.to(kv[0][0].device)
@@ -196,37 +208,39 @@ def _sample(logits: torch.Tensor, rngs: list[np.random.Generator], temperature: 
 
 
 @torch.inference_mode()
-def decode_calls(model, tokenizer, kv, rows: list[DecodeRow], marker_ids: list[int], markers: Markers, *,
-                 seed: int, temperature: float, top_p: float, max_tokens: int, eos_id: int | None,
-                 sample: bool = True) -> list[DecodeOut]:
-    """Feed the start marker after each row's context, then sample until the call closes.
-
-    Finished rows leave the batch at once. With sample=False only the marker is fed (to get the
-    probability of a multi-token marker's later tokens).
-    """
+def decode_calls(model, tokenizer, sp: StartPass, rows: list[DecodeRow], marker_ids: list[int], markers: Markers,
+                 *, seed: int, temperature: float, top_p: float, max_tokens: int, eos_id: int | None,
+                 sample: bool = True, log: list | None = None) -> list[DecodeOut]:
+    """Feed the start marker after each row's context (a slice of the StartPass cache), then sample until
+    the call closes. Finished rows leave the batch at once. With sample=False only the marker is fed (to
+    get the probability of a multi-token marker's later tokens)."""
     R = len(rows)
-    layers, mask = _gather_rows(kv, rows)
-    cache = cache_from_layers(model, layers)
-    ctx = torch.tensor([r.ctx_len for r in rows], dtype=torch.long)
+    layers, row_mask = _gather_rows(sp.kv, rows)
     M = len(marker_ids)
-    ids = torch.tensor([marker_ids] * R, dtype=torch.long)
-    pos = ctx[:, None] + torch.arange(M)[None, :]
-    mask = torch.cat([mask, torch.ones(R, M, dtype=torch.long)], dim=1)
-    hidden, cache = hidden_states(model, ids, past_key_values=cache, attention_mask=mask, position_ids=pos,
-                                  use_cache=True)
+    cache = RowKV(layers, extra=M + max(max_tokens, 1))
+    ctx = torch.tensor([r.ctx_len for r in rows], dtype=torch.long)
+    C = row_mask.shape[1]
+    # marker tokens see the row's real context and, causally, each other
+    mask = torch.cat([row_mask[:, None, :].expand(R, M, C), causal_mask(M).expand(R, M, M)], dim=2)
+    row_mask = torch.cat([row_mask, torch.ones(R, M, dtype=torch.bool)], dim=1)
+    pos = sp.prefix_len + ctx[:, None] + torch.arange(M)[None, :]
+    hidden = prefix_forward(model, torch.tensor([marker_ids] * R, dtype=torch.long), cache, sp.prefix_kv, mask, pos)
     marker_lp = torch.zeros(R, dtype=torch.float64)
     if M > 1:
         lp = torch.log_softmax(logits_from_hidden(model, hidden[:, :-1]), -1)
         later = torch.tensor([marker_ids[1:]] * R, device=lp.device)[:, :, None]
         marker_lp = lp.gather(2, later).squeeze(2).double().sum(1).cpu()
     outs = [DecodeOut("", float(marker_lp[r])) for r in range(R)]
+    steps = [R]  # rows fed at each forward (for the benchmark's roofline)
+    if log is not None:
+        log.append(("decode", sp.prefix_len, [r.ctx_len for r in rows], M, steps))
     if not sample:
         return outs
     rngs = [row_rng(seed, r.seed_key) for r in rows]
     generated: list[list[int]] = [[] for _ in range(R)]
     active = list(range(R))  # original row index of each batch row
     last_hidden = hidden[:, -1]
-    next_pos = ctx + M
+    next_pos = pos[:, -1] + 1
     for step in range(max_tokens):
         logits = logits_from_hidden(model, last_hidden)
         tokens = _sample(logits, [rngs[a] for a in active], temperature, top_p)
@@ -242,14 +256,14 @@ def decode_calls(model, tokenizer, kv, rows: list[DecodeRow], marker_ids: list[i
             break
         if len(keep) < len(active):
             sel = torch.tensor(keep, dtype=torch.long)
-            cache.batch_select_indices(sel.to(model.device))
-            mask, next_pos = mask[sel], next_pos[sel]
+            cache.select(sel)
+            row_mask, next_pos = row_mask[sel], next_pos[sel]
             active = [active[b] for b in keep]
             tokens = [tokens[b] for b in keep]
-        mask = torch.cat([mask, torch.ones(len(active), 1, dtype=torch.long)], dim=1)
-        hidden, cache = hidden_states(model, torch.tensor(tokens, dtype=torch.long)[:, None],
-                                      past_key_values=cache, attention_mask=mask,
-                                      position_ids=next_pos[:, None], use_cache=True)
+        row_mask = torch.cat([row_mask, torch.ones(len(active), 1, dtype=torch.bool)], dim=1)
+        hidden = prefix_forward(model, torch.tensor(tokens, dtype=torch.long)[:, None], cache, sp.prefix_kv,
+                                row_mask[:, None, :], next_pos[:, None])
+        steps.append(len(active))
         last_hidden = hidden[:, -1]
         next_pos = next_pos + 1
     return outs

@@ -45,7 +45,8 @@ class NllRequest:
     targets: list[int]  # indices t >= 1 in `ids`: we want -log p(ids[t] | ids[:t])
 
 
-def token_nll(model, requests: list[NllRequest], pad_id: int, batch_tokens: int = 8192) -> list[dict[int, float]]:
+def token_nll(model, requests: list[NllRequest], pad_id: int, batch_tokens: int = 8192,
+              log: list | None = None) -> list[dict[int, float]]:
     """For each request, {t: -log p(ids[t] | ids[:t])} for its targets. Batched by length, right-padded.
 
     Each sequence is cut after its last target (later tokens cannot influence earlier ones).
@@ -60,6 +61,8 @@ def token_nll(model, requests: list[NllRequest], pad_id: int, batch_tokens: int 
         length = max(requests[r].targets) + 1 if r is not None else 0
         if r is None or (batch and max(width, length) * (len(batch) + 1) > batch_tokens):
             if batch:
+                if log is not None:
+                    log.append(("nll", [max(requests[b].targets) + 1 for b in batch]))
                 _nll_batch(model, requests, batch, pad_id, results)
             batch, width = [], 0
         if r is not None:
