@@ -220,6 +220,20 @@ class EvalConfig(Section):
     not_hashed: ClassVar[frozenset[str]] = frozenset({"data", "limit", "output"})
 
 
+class NightlyConfig(Section):
+    """The nightly refresh (`python -m jobs.nightly`): generate over the new shards of corpus.input, then, once
+    enough kept calls are not trained on yet, fine-tune the last model on them and evaluate. State (rounds,
+    lease, night logs) lives under `state`, local or s3://, so a retried night continues where it stopped."""
+    state: str | None = None  # None: <run.output>/nightly
+    min_new_calls: int = Field(1000, ge=0)  # fine-tune once this many kept calls are not trained on yet
+    evaluate: bool = True  # evaluate each new model on eval.tasks (eval.data must give their paths)
+    eval_previous: bool = True  # ... next to the model it was fine-tuned from
+    eval_cpus: float = Field(1.0, gt=0)  # the eval task's CPUs when the job runs on a cluster
+    lease_ttl_s: float = Field(300.0, gt=0)  # a night renews its lease every ttl/5 s; a dead night's lease expires
+    not_hashed: ClassVar[frozenset[str]] = frozenset(
+        {"state", "min_new_calls", "evaluate", "eval_previous", "eval_cpus", "lease_ttl_s"})
+
+
 class Config(Section):
     run: RunConfig = RunConfig()
     model: ModelConfig = ModelConfig()
@@ -232,8 +246,9 @@ class Config(Section):
     finetune: FinetuneConfig = FinetuneConfig()
     inference: InferenceConfig = InferenceConfig()
     eval: EvalConfig = EvalConfig()
+    nightly: NightlyConfig = NightlyConfig()
     # Stages with their own output version: only the generation job's settings decide `config_hash`.
-    not_hashed: ClassVar[frozenset[str]] = frozenset({"ray", "finetune", "inference", "eval"})
+    not_hashed: ClassVar[frozenset[str]] = frozenset({"ray", "finetune", "inference", "eval", "nightly"})
 
     @model_validator(mode="before")
     @classmethod
