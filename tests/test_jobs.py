@@ -204,3 +204,74 @@ def test_runtime_env_passes_only_set_credentials_and_writes_no_file(tmp_path):
     assert env["working_dir"] == "." and ".venv" in env["excludes"]
     committed = yaml.safe_load((ROOT / "jobs" / "runtime_env.yaml").read_text())
     assert not [k for k in committed["env_vars"] if k in FORWARDED]  # no credential in git
+
+
+class FakeKube:
+    """A Kubernetes API server for RayJobs, just enough for the launcher: POST creates (409 if the name
+    exists), GET returns the object with the next of `statuses`; requests must carry the bearer token."""
+
+    def __init__(self, statuses: list[dict]):
+        import http.server
+
+        self.objects: dict[str, dict] = {}
+        self.statuses = list(statuses)
+        self.posts = 0
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, code: int, body: dict):
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self):
+                if self.headers["Authorization"] != "Bearer sa-token":
+                    return self._send(401, {"message": "Unauthorized"})
+                fake.posts += 1
+                obj = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                name = obj["metadata"]["name"]
+                if not self.path.endswith("/namespaces/ns/rayjobs"):
+                    return self._send(404, {"message": self.path})
+                if name in fake.objects:
+                    return self._send(409, {"message": f'rayjobs.ray.io "{name}" already exists'})
+                fake.objects[name] = obj
+                return self._send(201, obj)
+
+            def do_GET(self):
+                name = self.path.rsplit("/", 1)[-1]
+                if name not in fake.objects:
+                    return self._send(404, {"message": "not found"})
+                status = fake.statuses.pop(0) if len(fake.statuses) > 1 else fake.statuses[0]
+                return self._send(200, {**fake.objects[name], "status": status})
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_cronjob_launcher_creates_tonights_rayjob_once_and_waits_for_it():
+    from jobs.launch_rayjob import Api, launch, night_name
+
+    manifest = yaml.safe_load((ROOT / "cluster/kuberay/nightly-cronjob/rayjob-nightly.yaml").read_text())
+    kube = FakeKube([{"jobDeploymentStatus": "Initializing"}, {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
+                     {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}])
+    api = Api(kube.url, "sa-token", None)
+    logs = []
+    try:
+        assert launch(api, manifest, "ns", poll_s=0.01, log=logs.append) == 0
+        name = night_name("toolformer-nightly")
+        assert list(kube.objects) == [name] and kube.objects[name]["spec"] == manifest["spec"]
+        # a retried launcher pod the same night adopts the RayJob instead of starting a second night
+        kube.statuses = [{"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "message": "deadline"}]
+        assert launch(api, manifest, "ns", poll_s=0.01, log=logs.append) == 1
+        assert kube.posts == 2 and len(kube.objects) == 1 and "exists already" in logs[-2]
+        with pytest.raises(RuntimeError, match="HTTP 401"):
+            launch(Api(kube.url, "wrong", None), manifest, "ns", poll_s=0.01, log=logs.append)
+    finally:
+        kube.server.shutdown()
