@@ -74,12 +74,13 @@ def pad_batch(rows: list[list[int]], pad_id: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------ shared-prefix attention
-# Every document of a tool is read after the same few-shot prompt, and every sampled call of a document
-# after the same document prefix. Copying the prompt's keys/values into each row (what a plain KV cache
-# does) multiplies memory traffic by the number of rows, and concatenating the cache at every decoding
-# step copies it again. Here the prompt's KV is stored once and attended to by all rows in one GEMM, each
-# row keeps only its own KV in a preallocated buffer, and the two softmax parts are merged exactly
-# (log-sum-exp), so the result equals attention over [prompt, row] (checked against the reference).
+# Every document of a tool is read after the same few-shot prompt, and the m samples at k positions of a
+# document all continue the same document context. A plain KV cache copies the prompt's and the document's
+# keys/values into every row, and concatenates the cache (another copy) at every decoding step. Here the
+# context is attended to where it lies: (1) the prompt's KV once for all rows, (2) each document's KV from
+# the teacher-forced pass, shared by that document's rows up to each row's own position, (3) each row's own
+# new tokens, in a small preallocated buffer. The softmax parts are merged exactly by their log-sum-exp,
+# so the result equals attention over the concatenated sequence (checked against the reference).
 PREFIX_ATTENTION = "toolformer_shared_prefix"
 
 
@@ -132,36 +133,102 @@ class RowKV:
         self.v = [v.index_select(0, rows) for v in self.v]
 
 
-def shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                            shared_prefix=None, **kwargs):
-    """softmax([q.Kp, q.Kr]) @ [Vp; Vr] with the prefix Kp, Vp [kv_heads, P, d] shared by all rows.
+class DocContext:
+    """Part (2): per-document KV [D, kv_heads, L, head_dim] (from the teacher-forced pass), seen by each row
+    of that document up to the row's context length. Each step the active rows are packed per document
+    (slot j of document b), so the attention is one batched call over documents and its work follows the
+    rows still decoding; the documents' KV itself is never copied."""
 
-    query [B, H, q, d]; key/value [B, kv_heads, k, d] (the rows' own part); attention_mask: bool
-    [B, 1, q, k], True = may attend (the prefix is visible to every query). Computed in float32.
+    def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]], row_doc: list[int], row_ctx: list[int]):
+        self.kv = kv
+        self.n_docs, self.width = kv[0][0].shape[0], kv[0][0].shape[2]
+        self.row_doc = torch.tensor(row_doc, dtype=torch.long)
+        self.row_ctx = torch.tensor(row_ctx, dtype=torch.long)
+        self._layout = None
+
+    def keep(self, rows: torch.Tensor) -> None:
+        rows = rows.cpu()
+        self.row_doc, self.row_ctx = self.row_doc[rows], self.row_ctx[rows]
+        self._layout = None
+
+    def layout(self, gq: int, dtype, device):
+        """(slot of each active row, slots per document, additive mask [D, 1, slots * gq, L]), per step."""
+        if self._layout is None or self._layout[0] != gq:
+            counts = torch.bincount(self.row_doc, minlength=self.n_docs)
+            per_doc = max(1, int(counts.max()))
+            # j = rank of the row among its document's rows (rows are grouped by document in order)
+            first = torch.cumsum(counts, 0) - counts
+            order = torch.argsort(self.row_doc, stable=True)
+            j = torch.empty_like(self.row_doc)
+            j[order] = torch.arange(len(order)) - first[self.row_doc[order]]
+            slot = self.row_doc * per_doc + j
+            visible = torch.zeros(self.n_docs * per_doc, self.width, dtype=torch.bool)
+            visible[:, 0] = True  # empty slots see one position, so no softmax row is all -inf
+            visible[slot] = torch.arange(self.width)[None, :] < self.row_ctx[:, None]
+            vis = visible.view(self.n_docs, per_doc, 1, self.width).expand(-1, -1, gq, -1)
+            vis = vis.reshape(self.n_docs, 1, per_doc * gq, self.width).to(device)
+            bias = torch.zeros(vis.shape, dtype=dtype, device=device).masked_fill_(~vis, float("-inf"))
+            self._layout = (gq, slot.to(device), per_doc, bias)
+        return self._layout[1:]
+
+
+def shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                            shared_prefix=None, doc_context: DocContext | None = None, **kwargs):
+    """Attention over [shared prefix, document context, row's own tokens] as separate parts, merged exactly.
+
+    query [B, H, q, d]; key/value [B, kv_heads, k, d] (the rows' own part, part 3); attention_mask: bool
+    [B, 1, q, k], True = may attend, for part 3 (parts 1 and 2 are visible as described above).
+    Grouped-query heads are folded into the query axis instead of repeating K/V; each part is one fused
+    attention call that also returns its log-sum-exp.
     """
     B, H, Q, D = query.shape
     n_kv = key.shape[1]
-    g = H // n_kv  # query heads per key/value head (grouped-query attention, without repeating K/V)
+    g = H // n_kv  # query heads per key/value head
+    gq = g * Q
     scale = scaling if scaling is not None else D ** -0.5
-    q = (query.float() * scale).reshape(B, n_kv, g * Q, D)
-    s_rows = q @ key.float().transpose(-1, -2)  # [B, kv, g*Q, k]
+    q = query.reshape(B, n_kv, gq, D)
+    bias = None
     if attention_mask is not None:
-        m = attention_mask[:, :, None].expand(B, 1, g, Q, attention_mask.shape[-1]).reshape(B, 1, g * Q, -1)
-        s_rows = s_rows.masked_fill(~m, float("-inf"))
-    if shared_prefix is None:
-        out = torch.softmax(s_rows, -1) @ value.float()
-    else:
+        m = attention_mask[:, :, None].expand(B, 1, g, Q, attention_mask.shape[-1]).reshape(B, 1, gq, -1)
+        bias = torch.zeros(m.shape, dtype=query.dtype, device=query.device).masked_fill_(~m, float("-inf"))
+    parts = [_attend(q, key, value, bias, scale, fused=key.shape[2] > 64)]
+    if shared_prefix is not None:
         pk, pv = shared_prefix[module.layer_idx]  # [kv, P, d]
-        qp = q.permute(1, 0, 2, 3).reshape(n_kv, B * g * Q, D)
-        s_pre = (qp @ pk.float().transpose(-1, -2)).reshape(n_kv, B, g * Q, -1).permute(1, 0, 2, 3)
-        top = torch.maximum(s_pre.amax(-1, keepdim=True), s_rows.amax(-1, keepdim=True))
-        e_pre, e_rows = torch.exp(s_pre - top), torch.exp(s_rows - top)
-        den = e_pre.sum(-1, keepdim=True) + e_rows.sum(-1, keepdim=True)
-        o_pre = (e_pre.permute(1, 0, 2, 3).reshape(n_kv, B * g * Q, -1) @ pv.float())
-        o_pre = o_pre.reshape(n_kv, B, g * Q, D).permute(1, 0, 2, 3)
-        out = (o_pre + e_rows @ value.float()) / den
+        qp = q.permute(1, 0, 2, 3).reshape(1, n_kv, B * gq, D)
+        o, lse = _attend(qp, pk[None], pv[None], None, scale)
+        parts.append((o.reshape(n_kv, B, gq, D).permute(1, 0, 2, 3), lse.reshape(n_kv, B, gq).permute(1, 0, 2)))
+    if doc_context is not None:
+        dk, dv = doc_context.kv[module.layer_idx]  # [docs, kv, L, d]
+        slot, per_doc, dbias = doc_context.layout(gq, q.dtype, q.device)
+        n_docs, S = doc_context.n_docs, doc_context.n_docs * per_doc
+        qd = q.new_zeros(S, n_kv, gq, D)
+        qd[slot] = q
+        qd = qd.view(n_docs, per_doc, n_kv, gq, D).permute(0, 2, 1, 3, 4).reshape(n_docs, n_kv, per_doc * gq, D)
+        o, lse = _attend(qd, dk, dv, dbias, scale)
+        o = o.view(n_docs, n_kv, per_doc, gq, D).permute(0, 2, 1, 3, 4).reshape(S, n_kv, gq, D)
+        lse = lse.view(n_docs, n_kv, per_doc, gq).permute(0, 2, 1, 3).reshape(S, n_kv, gq)
+        parts.append((o[slot], lse[slot]))
+    if len(parts) == 1:
+        out = parts[0][0]
+    else:
+        total = torch.logsumexp(torch.stack([lse for _, lse in parts]), 0)
+        out = sum(o.float() * torch.exp(lse - total)[..., None] for o, lse in parts)
     out = out.reshape(B, n_kv, g, Q, D).reshape(B, H, Q, D).transpose(1, 2).contiguous()
     return out.to(query.dtype), None
+
+
+def _attend(q, k, v, bias, scale, fused: bool = True):
+    """(softmax(q k^T * scale + bias) v, log-sum-exp of the scores), float32 softmax. The fused CPU kernel
+    wins on long keys; plain float32 math wins on a few keys (a row's own new tokens)."""
+    if fused and q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias,
+                                                                              scale=scale)
+        return out, lse.float()
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + bias.float()
+    lse = torch.logsumexp(s, -1)
+    return torch.exp(s - lse[..., None]) @ v.float(), lse
 
 
 def _register() -> None:
@@ -181,9 +248,10 @@ def check_prefix_attention_supported(model) -> None:
 
 
 def prefix_forward(model, input_ids: torch.Tensor, rows: RowKV, prefix_kv, mask: torch.Tensor,
-                   position_ids: torch.Tensor) -> torch.Tensor:
-    """Final hidden states of `input_ids` [R, q] attending to the shared prefix (all of it) and to each row's
-    own cached tokens (where `mask` [R, q, k] is True); appends the new keys/values to `rows`."""
+                   position_ids: torch.Tensor, doc_context: DocContext | None = None) -> torch.Tensor:
+    """Final hidden states of `input_ids` [R, q] attending to the shared prefix (all of it), to the rows'
+    document context if given, and to each row's own cached tokens (where `mask` [R, q, k] is True);
+    appends the new keys/values to `rows`."""
     dev = model.device
     cfg = model.config
     saved = cfg._attn_implementation
@@ -191,7 +259,7 @@ def prefix_forward(model, input_ids: torch.Tensor, rows: RowKV, prefix_kv, mask:
     try:
         out = decoder(model)(input_ids=input_ids.to(dev), attention_mask=mask[:, None].to(dev),
                              position_ids=position_ids.to(dev), past_key_values=rows, use_cache=True,
-                             shared_prefix=prefix_kv)
+                             shared_prefix=prefix_kv, doc_context=doc_context)
     finally:
         cfg._attn_implementation = saved
     return out.last_hidden_state

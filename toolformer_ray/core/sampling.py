@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from toolformer_ray.api_text import ApiCall, Markers, call_closed, find_calls, parse_generated_call, render
-from toolformer_ray.core.lm import (RowKV, cache_layers, encode, hidden_states, logits_from_hidden, pad_batch,
-                                    prefix_forward)
+from toolformer_ray.core.lm import (DocContext, RowKV, cache_layers, encode, hidden_states, logits_from_hidden,
+                                    pad_batch, prefix_forward)
 
 LOGIT_CHUNK = 1024  # rows of float32 logits materialised at once (x vocab size)
 
@@ -172,23 +172,6 @@ def row_rng(seed: int, key: str) -> np.random.Generator:
     return np.random.default_rng([seed, h])
 
 
-def _gather_rows(kv, rows: list[DecodeRow]):
-    """Per-layer KV for the rows, left-padded to a common length; the mask marks the real positions."""
-    C = max(r.ctx_len for r in rows)
-    doc_idx = torch.tensor([r.doc for r in rows], dtype=torch.long)
-    lens = torch.tensor([r.ctx_len for r in rows], dtype=torch.long)
-    src = torch.arange(C)[None, :] - (C - lens)[:, None]  # [R, C]; negative = padding
-    mask = src >= 0
-    src = src.clamp(min=0)
-    layers = []
-    doc_idx, src_dev = doc_idx.to(kv[0][0].device), src.to(kv[0][0].device)
-    for k, v in kv:
-        kb, vb = k.index_select(0, doc_idx), v.index_select(0, doc_idx)  # [R, H, T, D]
-        idx = src_dev[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-        layers.append((torch.gather(kb, 2, idx), torch.gather(vb, 2, idx)))
-    return layers, mask
-
-
 def _sample(logits: torch.Tensor, rngs: list[np.random.Generator], temperature: float, top_p: float) -> list[int]:
     """One token per row: greedy when temperature is 0, else temperature + nucleus sampling by inverse CDF
     with the row's own uniform draw (so a row's sample does not depend on the rest of the batch)."""
@@ -211,20 +194,17 @@ def _sample(logits: torch.Tensor, rngs: list[np.random.Generator], temperature: 
 def decode_calls(model, tokenizer, sp: StartPass, rows: list[DecodeRow], marker_ids: list[int], markers: Markers,
                  *, seed: int, temperature: float, top_p: float, max_tokens: int, eos_id: int | None,
                  sample: bool = True, log: list | None = None) -> list[DecodeOut]:
-    """Feed the start marker after each row's context (a slice of the StartPass cache), then sample until
-    the call closes. Finished rows leave the batch at once. With sample=False only the marker is fed (to
-    get the probability of a multi-token marker's later tokens)."""
+    """Feed the start marker after each row's context (its document's StartPass KV up to the row's
+    position), then sample until the call closes. Finished rows leave the batch at once. With sample=False
+    only the marker is fed (to get the probability of a multi-token marker's later tokens)."""
     R = len(rows)
-    layers, row_mask = _gather_rows(sp.kv, rows)
     M = len(marker_ids)
-    cache = RowKV(layers, extra=M + max(max_tokens, 1))
+    context = DocContext(sp.kv, [r.doc for r in rows], [r.ctx_len for r in rows])
+    cache = RowKV.empty(model, R, M + max(max_tokens, 1))  # only the rows' new tokens
     ctx = torch.tensor([r.ctx_len for r in rows], dtype=torch.long)
-    C = row_mask.shape[1]
-    # marker tokens see the row's real context and, causally, each other
-    mask = torch.cat([row_mask[:, None, :].expand(R, M, C), causal_mask(M).expand(R, M, M)], dim=2)
-    row_mask = torch.cat([row_mask, torch.ones(R, M, dtype=torch.bool)], dim=1)
     pos = sp.prefix_len + ctx[:, None] + torch.arange(M)[None, :]
-    hidden = prefix_forward(model, torch.tensor([marker_ids] * R, dtype=torch.long), cache, sp.prefix_kv, mask, pos)
+    hidden = prefix_forward(model, torch.tensor([marker_ids] * R, dtype=torch.long), cache, sp.prefix_kv,
+                            causal_mask(M).expand(R, M, M), pos, context)
     marker_lp = torch.zeros(R, dtype=torch.float64)
     if M > 1:
         lp = torch.log_softmax(logits_from_hidden(model, hidden[:, :-1]), -1)
@@ -257,12 +237,13 @@ def decode_calls(model, tokenizer, sp: StartPass, rows: list[DecodeRow], marker_
         if len(keep) < len(active):
             sel = torch.tensor(keep, dtype=torch.long)
             cache.select(sel)
-            row_mask, next_pos = row_mask[sel], next_pos[sel]
+            context.keep(sel)
+            next_pos = next_pos[sel]
             active = [active[b] for b in keep]
             tokens = [tokens[b] for b in keep]
-        row_mask = torch.cat([row_mask, torch.ones(len(active), 1, dtype=torch.bool)], dim=1)
+        seen = torch.ones(len(active), 1, cache.length + 1, dtype=torch.bool)  # a row sees all its new tokens
         hidden = prefix_forward(model, torch.tensor(tokens, dtype=torch.long)[:, None], cache, sp.prefix_kv,
-                                row_mask[:, None, :], next_pos[:, None])
+                                seen, next_pos[:, None], context)
         steps.append(len(active))
         last_hidden = hidden[:, -1]
         next_pos = next_pos + 1
