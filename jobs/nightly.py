@@ -69,7 +69,8 @@ class Night:
         g = self.generate
         lines = [f"nightly {self.status}: state {self.state}"]
         if g:
-            lines.append(f"generate: {g.get('shards_done', 0)} new shard(s), {g.get('shards_skipped', 0)} already done, "
+            lines.append(f"generate: {g.get('shards_done', 0)} new shard(s), "
+                         f"{g.get('shards_skipped', 0)} already done, "
                          f"{len(g.get('shards_failed') or {})} failed; kept calls {g.get('calls_kept') or {}}; "
                          f"output {g.get('output')}")
         if self.decision:
@@ -274,7 +275,8 @@ def _night(cfg: Config, state: NightlyState, lease: Lease, night: Night, generat
     state.write_json({
         "model": night.model, "updated_at": _now(), "version": store.uri(), "pending_calls": waiting,
         "min_new_calls": cfg.nightly.min_new_calls,
-        "rounds": [{"round": r["round"], "calls": r["calls"], "documents": r["documents"], "base_model": r["base_model"],
+        "rounds": [{"round": r["round"], "calls": r["calls"], "documents": r["documents"],
+                    "base_model": r["base_model"],
                     "model": (r["finetuned"] or {}).get("model_dir"), "evaluated": bool(r["evaluated"]),
                     "eval": (r["evaluated"] or {}).get("output")} for r in rounds],
     }, "state.json")

@@ -259,7 +259,8 @@ def test_cronjob_launcher_creates_tonights_rayjob_once_and_waits_for_it():
     from jobs.launch_rayjob import Api, launch, night_name
 
     manifest = yaml.safe_load((ROOT / "cluster/kuberay/nightly-cronjob/rayjob-nightly.yaml").read_text())
-    kube = FakeKube([{"jobDeploymentStatus": "Initializing"}, {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
+    kube = FakeKube([{"jobDeploymentStatus": "Initializing"},
+                     {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
                      {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}])
     api = Api(kube.url, "sa-token", None)
     logs = []

@@ -59,7 +59,9 @@ def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="trh-", dir="/tmp")  # short: Ray's unix sockets live under it
     dash = _free_port()
     token = uuid.uuid4().hex
-    env = {**_base_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    # No drain on SIGTERM: a test head has no work worth waiting 30 s for.
+    env = {**_base_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
            "--port", str(_free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
            "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
@@ -120,14 +122,15 @@ def test_client_without_the_token_is_refused(ray_head):
     assert r.returncode != 0 and "Authentication required" in r.stdout + r.stderr
 
 
-def test_submit_generate_then_nightly(ray_head, s3_endpoint, tmp_path):
+def test_submit_generate_then_nightly(ray_head, s3_endpoint, tmp_path, monkeypatch):
     fs = s3_endpoint.fs()
     corpus = s3_endpoint.uri("corpus")
     for k in range(2):
         put_corpus(fs, corpus, f"part-{k}.jsonl", corpus_records(6, seed=30 + k, prefix=f"j{k}"))
     cfg = {
         "run": {"name": "jobs-test", "output": s3_endpoint.uri("runs")},
-        "model": {"path": str(caller_model_dir().resolve()), "dtype": "float32", "cache_dir": str(ROOT / ".cache/models")},
+        "model": {"path": str(caller_model_dir().resolve()), "dtype": "float32",
+                  "cache_dir": str(ROOT / ".cache/models")},
         "corpus": {"input": corpus},
         "tools": {"Calculator": {"k": 3, "m": 3, "tau_f": -0.5, "workers": 1, "worker_cpus": 0.25}},
         "sampling": {"max_call_tokens": 16},
@@ -171,7 +174,7 @@ def test_submit_generate_then_nightly(ray_head, s3_endpoint, tmp_path):
     summary = json.loads(fs.cat(f"{state}/state.json"))
     (rnd,) = summary["rounds"]
     plan = json.loads(fs.cat(f"{state}/rounds/{rnd['round']}/plan.json"))
-    assert len(plan["units"]) == 3 and plan["calls"] == sum(plan["units"].values()) > kept
+    assert len(plan["units"]) == 3 and plan["calls"] == sum(plan["units"].values()) >= kept
     model = summary["model"]
     assert model.startswith("s3://") and model == rnd["model"]
     assert {"config.json", "model.safetensors"} <= {p.rsplit("/", 1)[-1] for p in fs.ls(model)}
@@ -185,8 +188,8 @@ def test_submit_generate_then_nightly(ray_head, s3_endpoint, tmp_path):
     assert night_log["status"] == "ok" and night_log["round"] == rnd["round"]
 
     # the same night again (a retry after success): nothing new to generate, nothing to fine-tune
-    os.environ.pop("RAY_ADDRESS", None)
-    sys.path.insert(0, str(ROOT))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.syspath_prepend(str(ROOT))
     from jobs.nightly import run_nightly
 
     again = run_nightly(load_config(config))
