@@ -68,6 +68,15 @@ def test_char_positions_match_token_prefixes(tiny):
                 assert tok.decode(td.ids[:i]) == text[:cp], (text, i)
 
 
+def test_calls_never_go_inside_a_word_or_number(tiny):
+    text = "Out of 1400 participants, 400 (29%) passed; Calculator-style tokenization splits 323."
+    td = tokenize_doc(tiny.tokenizer, text)
+    usable = [cp for cp in td.char_pos if cp is not None]
+    assert usable and len(usable) < len(td.ids)
+    for cp in usable:
+        assert cp == 0 or not (text[cp - 1].isalnum() and text[cp].isalnum()), text[:cp]
+
+
 def test_split_prompt_rerenders_example_calls_with_configured_markers():
     prompt = PromptTool().prompt()
     before, after = split_prompt(prompt, Markers())
@@ -220,7 +229,8 @@ def test_annotator_sample_is_deterministic_and_counts_funnel(tiny):
     assert f["docs_seen"] == 5 and f["docs_prefiltered"] == 5
     assert f["positions_sampled"] == 15 and f["calls_sampled"] == 60
     assert f["calls_distinct"] == len(a.candidates) <= f["calls_well_formed"] <= 60
-    assert len(a.p_api["Calculator"]) == sum(len(tokenize_doc(tok, d.text).ids) - 1 for d in docs)
+    usable = sum(sum(cp is not None for cp in tokenize_doc(tok, d.text).char_pos[1:]) for d in docs)
+    assert len(a.p_api["Calculator"]) == usable  # every usable position (not position 0: no BOS)
 
 
 def _scored(doc_id, tool, pos, char_pos, useful, inp="1+1", result="2"):

@@ -30,7 +30,7 @@ LOGIT_CHUNK = 1024  # rows of float32 logits materialised at once (x vocab size)
 @dataclass
 class TokenizedDoc:
     ids: list[int]  # the document's own tokens (encoded alone, no special tokens)
-    char_pos: list[int | None]  # where a call inserted before token i goes in the text; None: mid-character
+    char_pos: list[int | None]  # where a call inserted before token i goes; None: inside a word or character
 
 
 def tokenize_doc(tokenizer, text: str) -> TokenizedDoc:
@@ -44,7 +44,11 @@ def tokenize_doc(tokenizer, text: str) -> TokenizedDoc:
         prev_end, start = offsets[i - 1][1], offsets[i][0]
         # A call goes right after the previous token, before any whitespace that belongs to token i
         # (" Paris" -> "of [Call()] Paris"). Overlapping offsets mean a character split across tokens.
+        # Calls go between words only: tokenizers that split numbers into digits (SmolLM2 writes "323" as
+        # "3","2","3") would otherwise put a call inside a number.
         ok = prev_end <= start and text[prev_end:start].strip() == ""
+        if ok and prev_end == start and 0 < start < len(text):
+            ok = not (text[start - 1].isalnum() and text[start].isalnum())
         char_pos.append(prev_end if ok else None)
     return TokenizedDoc(ids=ids, char_pos=char_pos)
 
