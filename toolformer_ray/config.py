@@ -348,6 +348,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         data = loaded
+    if "tools" not in data and any(o.startswith("tools.") for o in overrides or []):
+        # `tools.X.k=3` on the defaults adjusts X; it must not drop the other default tools
+        data["tools"] = {name: {} for name in _paper_tools()}
     data = apply_overrides(data, overrides or [])
     try:
         return Config.model_validate(data)

@@ -1,0 +1,265 @@
+"""Benchmarks behind `toolformer-ray bench` (and benchmarks/*.py). Each prints a table and writes JSON.
+
+throughput  sample + filter on the configured model over a fixed set of corpus documents, against the
+            *roofline*: the forward tokens the method strictly needs (per doc x tool the input copy and the
+            document after the cached prompt; the call tokens generated; L(empty) once per document; L+ and
+            L-(no result) per distinct prefix, each cut at i + 5), timed as plain batched Hugging Face forwards
+            (full logits, a DynamicCache; decoding as plain one-token steps) of the same model in the same
+            process. achieved / roofline = roofline time / our time (1.0 = as fast as plain forwards).
+bruteforce  the same documents through the brute-force reference (tests/reference.py: one sequence at a time,
+            no cache, no truncation), as a ratio of times and of forward tokens.
+Decoding (KV resume vs re-encoding) lives in benchmarks/decoding.py; scaling in benchmarks/scaling.py.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from toolformer_ray.config import Config
+
+
+def _docs(cfg: Config, n: int, tokenizer):
+    from toolformer_ray.corpus import list_shards, read_shard
+
+    docs = []
+    for shard in list_shards(cfg.corpus.input, cfg.corpus.format):
+        got, _ = read_shard(shard, cfg.corpus, tokenizer, max_docs=n - len(docs))
+        docs += got
+        if len(docs) >= n:
+            break
+    return docs[:n]
+
+
+def _timed(fn, repeat: int = 2) -> float:
+    fn()  # warm-up (allocator, kernels)
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+class Roofline:
+    """Plain batched forwards of the same model: seconds per token for each recorded batch shape."""
+
+    def __init__(self, model, prompts_kv: dict):
+        self.model = model
+        self.memo: dict = {}
+        cfg = model.config
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+    def _cache(self, batch: int, length: int):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for layer in range(self.model.config.num_hidden_layers):
+            k = torch.randn(batch, self.n_kv, length, self.head_dim, dtype=self.model.dtype) * 0.1
+            cache.update(k, k.clone(), layer)
+        return cache
+
+    @torch.inference_mode()
+    def prefill(self, batch: int, width: int, past: int) -> float:
+        """Seconds per padded token of model(ids[batch, width]) after `past` cached tokens (full logits)."""
+        key = ("prefill", batch, _bucket(width), _bucket(past))
+        if key not in self.memo:
+            ids = torch.randint(0, self.model.config.vocab_size, (batch, width))
+
+            def run():
+                cache = self._cache(batch, past) if past else None
+                self.model(input_ids=ids, past_key_values=cache, use_cache=past > 0)
+
+            self.memo[key] = _timed(run) / (batch * width)
+        return self.memo[key]
+
+    @torch.inference_mode()
+    def decode(self, batch: int, past: int) -> float:
+        """Seconds per token of a plain one-token decoding step for `batch` rows with `past` cached tokens."""
+        key = ("decode", _bucket(batch, 8), _bucket(past))
+        if key not in self.memo:
+            cache = self._cache(batch, past)
+            ids = torch.randint(0, self.model.config.vocab_size, (batch, 1))
+            self.memo[key] = _timed(lambda: self.model(input_ids=ids, past_key_values=cache, use_cache=True),
+                                    repeat=3) / batch
+        return self.memo[key]
+
+
+def _bucket(x: int, step: int = 32) -> int:
+    return max(step, (x + step - 1) // step * step)
+
+
+def roofline_from_log(log: list, roof: Roofline) -> dict:
+    """Needed tokens and plain-forward seconds per stage, from the annotator's work log."""
+    out = {stage: {"tokens": 0, "seconds": 0.0} for stage in ("start", "decode", "nll")}
+    for entry in log:
+        kind = entry[0]
+        if kind == "start":
+            _, lengths, P = entry
+            cost = roof.prefill(len(lengths), max(lengths), P)
+            needed = sum(lengths)
+        elif kind == "decode":
+            _, P, ctx, M, steps = entry
+            past = P + max(ctx)
+            needed = M * len(ctx) + sum(steps[1:])
+            cost = roof.decode(len(ctx), past)
+        else:
+            _, lengths = entry
+            cost = roof.prefill(len(lengths), max(lengths), 0)
+            needed = sum(lengths)
+        out[kind]["tokens"] += needed
+        out[kind]["seconds"] += needed * cost
+    return out
+
+
+def bench_throughput(cfg: Config, n_docs: int) -> dict:
+    from toolformer_ray.core.annotate import Annotator
+    from toolformer_ray.models import load_from_config
+    from toolformer_ray.tools import build_tools
+    from toolformer_ray.tools.pool import LocalToolExecutor
+
+    lm = load_from_config(cfg.model)
+    docs = _docs(cfg, n_docs, lm.tokenizer)
+    tools_cfg = cfg.enabled_tools()
+    ann = Annotator.from_config(lm, build_tools(tools_cfg), cfg)
+    ann.sample(docs[:1])  # warm-up: builds the prompt caches once, as a long-running actor has them
+    ann.work_log = []
+    t0 = time.perf_counter()
+    sampled = ann.sample(docs)
+    t1 = time.perf_counter()
+    with LocalToolExecutor(tools_cfg) as ex:
+        by_tool: dict = {}
+        for c in sampled.candidates:
+            by_tool.setdefault(c.tool, []).append(c)
+        dates = {d.doc_id: d.date for d in docs}
+        for tool, cands in by_tool.items():
+            for c, r in zip(cands, ex.run(tool, [c.call.input for c in cands], [dates[c.doc_id] for c in cands])):
+                c.result = r
+    t2 = time.perf_counter()
+    scored = ann.score(docs, sampled.candidates)
+    t3 = time.perf_counter()
+    log, ann.work_log = ann.work_log, None
+    roof = roofline_from_log(log, Roofline(lm.model, {}))
+    lm_seconds = (t1 - t0) + (t3 - t2)
+    roof_seconds = sum(s["seconds"] for s in roof.values())
+    tokens = sum(s["tokens"] for s in roof.values())
+    funnel = {t: dict(c) for t, c in sampled.funnel.items()}
+    return {
+        "documents": len(docs), "tools": sorted(tools_cfg),
+        "presets": {t: {k: getattr(c, k) for k in ("tau_s", "k", "m", "tau_f")} for t, c in tools_cfg.items()},
+        "seconds": {"sample": t1 - t0, "execute": t2 - t1, "score": t3 - t2, "lm_total": lm_seconds},
+        "docs_per_s": len(docs) / lm_seconds, "docs_per_s_with_tools": len(docs) / (t3 - t0),
+        "needed_tokens": tokens, "tokens_per_s": tokens / lm_seconds,
+        "roofline": {"seconds": roof_seconds, "docs_per_s": len(docs) / roof_seconds, "stages": roof},
+        "achieved_over_roofline": roof_seconds / lm_seconds,
+        "funnel": funnel, "kept": sum(s.passes for s in scored), "scored": len(scored),
+    }
+
+
+def bench_bruteforce(cfg: Config, n_docs: int, fast: dict | None = None) -> dict:
+    """The reference path on the same documents and candidate positions: p_i at every position, the same
+    number of samples at the same positions, and the three losses of every candidate."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import reference as ref  # tests/reference.py
+
+    from toolformer_ray.core.annotate import Annotator
+    from toolformer_ray.core.lm import encode
+    from toolformer_ray.core.sampling import select_positions, tokenize_doc
+    from toolformer_ray.models import load_from_config
+    from toolformer_ray.tools import build_tools
+
+    lm = load_from_config(cfg.model)
+    model, tok = lm.model, lm.tokenizer
+    docs = _docs(cfg, n_docs, tok)
+    tools_cfg = cfg.enabled_tools()
+    ann = Annotator.from_config(lm, build_tools(tools_cfg), cfg)
+    ann.sample(docs[:1])
+    ann.work_log = []
+    t = time.perf_counter()
+    sampled = ann.sample(docs)
+    for c in sampled.candidates:
+        c.result = "0"  # the same scoring work whatever the tool says
+    ann.score(docs, sampled.candidates)
+    fast_seconds = time.perf_counter() - t
+    fast_tokens = sum(sum(e[1]) if e[0] in ("start", "nll") else e[3] * len(e[2]) + sum(e[4][1:])
+                      for e in ann.work_log)
+    ref_tokens = 0
+    t = time.perf_counter()
+    for name, tc in tools_cfg.items():
+        prompt = ann.prompts[name]
+        for d in docs:
+            if tc.prefilter and not ann.tools[name].prefilter(d):
+                continue
+            td = tokenize_doc(tok, d.text)
+            inp = prompt.input_ids(tok, d.text)
+            probs = ref.start_probs_ref(model, prompt.prefix_ids, inp, td.ids, ann.marker_ids)
+            ref_tokens += sum(len(prompt.prefix_ids) + len(inp) + i for i in range(len(td.ids)))
+            for i in select_positions(probs, td, tc.tau_s, tc.k, ann.min_pos):
+                ctx = prompt.prefix_ids + inp + td.ids[:i]
+                for j in range(tc.m):
+                    out = ref.sample_ref(model, tok, ctx, ann.marker_ids, ann.markers, cfg.run.seed,
+                                         f"{d.doc_id}|{name}|{i}|{j}", cfg.sampling.temperature,
+                                         cfg.sampling.max_call_tokens, tok.eos_token_id)
+                    n_gen = len(encode(tok, out))
+                    ref_tokens += sum(len(ctx) + len(ann.marker_ids) + s for s in range(n_gen))
+    for c in sampled.candidates:
+        ids = tokenize_doc(tok, next(d.text for d in docs if d.doc_id == c.doc_id)).ids
+        for with_result in (True, False):
+            prefix = encode(tok, ref.prefix_string_ref(c.call, "0", ann.markers, ann.prefix_separator, with_result))
+            ref.loss_ref(model, ann.bos, prefix, ids, c.token_pos)
+            ref_tokens += len(ann.bos) + len(prefix) + len(ids)
+        ref.loss_ref(model, ann.bos, [], ids, c.token_pos)
+        ref_tokens += len(ann.bos) + len(ids)
+    ref_seconds = time.perf_counter() - t
+    return {"documents": len(docs), "fast_seconds": fast_seconds, "bruteforce_seconds": ref_seconds,
+            "speedup": ref_seconds / fast_seconds, "fast_forward_tokens": fast_tokens,
+            "bruteforce_forward_tokens": ref_tokens, "token_ratio": ref_tokens / max(1, fast_tokens)}
+
+
+def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    print(f"\n{title}")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+
+
+def run_bench(cfg: Config, which: list[str], docs: int, output: str, threads: int | None = None) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    results: dict = {"config_hash": cfg.config_hash(), "model": cfg.model.path, "dtype": cfg.model.dtype,
+                     "torch_threads": torch.get_num_threads(), "host": platform.node(),
+                     "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if "throughput" in which:
+        r = bench_throughput(cfg, docs)
+        results["throughput"] = r
+        _print_table(f"throughput ({r['documents']} docs, tools {', '.join(r['tools'])})", [
+            ("sample + filter", f"{r['seconds']['lm_total']:.1f} s  ->  {r['docs_per_s']:.2f} docs/s, "
+                                f"{r['tokens_per_s']:.0f} needed tokens/s"),
+            ("roofline", f"{r['roofline']['seconds']:.1f} s  ->  {r['roofline']['docs_per_s']:.2f} docs/s"),
+            ("achieved / roofline", f"{r['achieved_over_roofline']:.2f}"),
+            ("tools (in-process)", f"{r['seconds']['execute']:.2f} s"),
+            *[(f"  {k} tokens", f"{v['tokens']}  (plain forwards: {v['seconds']:.1f} s)")
+              for k, v in r["roofline"]["stages"].items()],
+            ("kept / scored", f"{r['kept']} / {r['scored']}"),
+        ])
+    if "bruteforce" in which:
+        r = bench_bruteforce(cfg, max(1, min(docs, 4)))
+        results["bruteforce"] = r
+        _print_table(f"fast vs brute force ({r['documents']} docs)", [
+            ("fast", f"{r['fast_seconds']:.1f} s, {r['fast_forward_tokens']} forward tokens"),
+            ("brute force", f"{r['bruteforce_seconds']:.1f} s, {r['bruteforce_forward_tokens']} forward tokens"),
+            ("speed-up", f"{r['speedup']:.1f}x time, {r['token_ratio']:.1f}x tokens"),
+        ])
+    Path(output).mkdir(parents=True, exist_ok=True)
+    name = "_".join(sorted(w for w in which if w in ("throughput", "bruteforce"))) or "bench"
+    path = Path(output) / f"{name}-{cfg.config_hash()}.json"
+    path.write_text(json.dumps(results, indent=2, default=float))
+    print(f"\nwrote {path}")
+    return results
