@@ -76,7 +76,7 @@ class SamplingConfig(Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_call_tokens: int = Field(40, gt=0)  # a call that has not closed by then is malformed
     batch_docs: int = Field(8, gt=0)  # documents per teacher-forced batch
-    batch_rows: int = Field(128, gt=0)  # decoding rows (positions x samples) per batch
+    batch_rows: int = Field(1024, gt=0)  # decoding rows (positions x samples) per batch; more amortises steps
     not_hashed: ClassVar[frozenset[str]] = frozenset({"batch_docs", "batch_rows"})
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from toolformer_ray.core.lm import hidden_states, logits_from_hidden, pad_batch
+from toolformer_ray.core.lm import hidden_states, logits_from_hidden
 
 WINDOW = 5
 LOGIT_CHUNK = 1024
@@ -47,41 +47,65 @@ class NllRequest:
 
 def token_nll(model, requests: list[NllRequest], pad_id: int, batch_tokens: int = 8192,
               log: list | None = None) -> list[dict[int, float]]:
-    """For each request, {t: -log p(ids[t] | ids[:t])} for its targets. Batched by length, right-padded.
+    """For each request, {t: -log p(ids[t] | ids[:t])} for its targets.
 
-    Each sequence is cut after its last target (later tokens cannot influence earlier ones).
+    Each sequence is cut after its last target (later tokens cannot influence earlier ones). Sequences are
+    packed several to a row (first fit, longest first) with a block-diagonal causal mask and positions
+    restarting at 0 for each, so almost no forward work goes to padding; a batch holds `batch_tokens`.
     Returns float64 values computed from float32 log-softmax.
     """
     results: list[dict[int, float]] = [dict() for _ in requests]
     order = sorted((r for r in range(len(requests)) if requests[r].targets),
                    key=lambda r: -(max(requests[r].targets) + 1))
-    batch: list[int] = []
-    width = 0
-    for r in order + [None]:
-        length = max(requests[r].targets) + 1 if r is not None else 0
-        if r is None or (batch and max(width, length) * (len(batch) + 1) > batch_tokens):
-            if batch:
-                if log is not None:
-                    log.append(("nll", [max(requests[b].targets) + 1 for b in batch]))
-                _nll_batch(model, requests, batch, pad_id, results)
-            batch, width = [], 0
-        if r is not None:
-            batch.append(r)
-            width = max(width, length)
+    if not order:
+        return results
+    length = {r: max(requests[r].targets) + 1 for r in order}
+    width = length[order[0]]
+    rows: list[list[int]] = []  # request indices packed into each row
+    free: list[int] = []
+    for r in order:  # first fit decreasing
+        for i, room in enumerate(free):
+            if length[r] <= room:
+                rows[i].append(r)
+                free[i] -= length[r]
+                break
+        else:
+            rows.append([r])
+            free.append(width - length[r])
+    per_batch = max(1, batch_tokens // width)
+    for s in range(0, len(rows), per_batch):
+        batch = rows[s:s + per_batch]
+        if log is not None:
+            log.append(("nll", [length[r] for row in batch for r in row]))
+        _nll_batch(model, requests, batch, length, width, pad_id, results)
     return results
 
 
 @torch.inference_mode()
-def _nll_batch(model, requests, batch: list[int], pad_id: int, results) -> None:
-    rows = [requests[r].ids[:max(requests[r].targets) + 1] for r in batch]
-    ids = pad_batch(rows, pad_id)
-    hidden, _ = hidden_states(model, ids)
-    row_idx, pos_idx, tgt = [], [], []
-    for b, r in enumerate(batch):
-        for t in requests[r].targets:
-            row_idx.append(b)
-            pos_idx.append(t - 1)  # the hidden state that predicts token t
-            tgt.append(requests[r].ids[t])
+def _nll_batch(model, requests, batch: list[list[int]], length: dict, width: int, pad_id: int, results) -> None:
+    B = len(batch)
+    ids = torch.full((B, width), pad_id, dtype=torch.long)
+    pos = torch.zeros(B, width, dtype=torch.long)
+    segment = torch.full((B, width), -1, dtype=torch.long)
+    row_idx, pos_idx, tgt, owner = [], [], [], []
+    for b, row in enumerate(batch):
+        offset = 0
+        for seg, r in enumerate(row):
+            n = length[r]
+            ids[b, offset:offset + n] = torch.tensor(requests[r].ids[:n])
+            pos[b, offset:offset + n] = torch.arange(n)
+            segment[b, offset:offset + n] = seg
+            for t in requests[r].targets:
+                row_idx.append(b)
+                pos_idx.append(offset + t - 1)  # the hidden state that predicts token t
+                tgt.append(requests[r].ids[t])
+                owner.append((r, t))
+            offset += n
+    # a token sees the earlier tokens of its own sequence only (padding sees itself, so no row is empty)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same = segment[:, :, None] == segment[:, None, :]
+    mask = (causal[None] & same)[:, None]
+    hidden, _ = hidden_states(model, ids, attention_mask=mask, position_ids=pos)
     dev = hidden.device
     picked = hidden[torch.tensor(row_idx, device=dev), torch.tensor(pos_idx, device=dev)]
     tgt_t = torch.tensor(tgt, device=dev)
@@ -90,8 +114,5 @@ def _nll_batch(model, requests, batch: list[int], pad_id: int, results) -> None:
         logp = torch.log_softmax(logits_from_hidden(model, picked[s:s + LOGIT_CHUNK]), dim=-1)
         chunk = tgt_t[s:s + LOGIT_CHUNK]
         values += (-logp[torch.arange(len(chunk), device=dev), chunk]).double().cpu().tolist()
-    k = 0
-    for b, r in enumerate(batch):
-        for t in requests[r].targets:
-            results[r][t] = values[k]
-            k += 1
+    for (r, t), v in zip(owner, values):
+        results[r][t] = v
