@@ -223,8 +223,13 @@ def test_annotator_sample_is_deterministic_and_counts_funnel(tiny):
     a = ann.sample(docs)
     b = Annotator(model, tok, {"Calculator": PromptTool()}, tcfg, Markers(), seed=1, max_call_tokens=8,
                   batch_docs=5, batch_rows=64).sample(docs)
-    assert [(c.doc_id, c.token_pos, c.call) for c in a.candidates] == \
-        [(c.doc_id, c.token_pos, c.call) for c in b.candidates]
+    # one document per pass, all passes pooled into one decoding batch (merge_passes)
+    c = Annotator(model, tok, {"Calculator": PromptTool()}, tcfg, Markers(), seed=1, max_call_tokens=8,
+                  batch_docs=1, batch_rows=1000).sample(docs)
+    key = [(c.doc_id, c.token_pos, c.call) for c in a.candidates]
+    assert key == [(c.doc_id, c.token_pos, c.call) for c in b.candidates]
+    assert key == [(x.doc_id, x.token_pos, x.call) for x in c.candidates]
+    assert [x.p_api for x in a.candidates] == pytest.approx([x.p_api for x in c.candidates], abs=1e-5)
     f = a.funnel["Calculator"]
     assert f["docs_seen"] == 5 and f["docs_prefiltered"] == 5
     assert f["positions_sampled"] == 15 and f["calls_sampled"] == 60

@@ -16,7 +16,8 @@ from toolformer_ray.api_text import Markers
 from toolformer_ray.core.filtering import ScoredCall, score_candidates
 from toolformer_ray.core.lm import bos_ids, encode
 from toolformer_ray.core.sampling import (Candidate, DecodeRow, TokenizedDoc, ToolPrompt, decode_calls,
-                                          parse_sample, select_positions, start_pass, tokenize_doc)
+                                          merge_passes, parse_sample, select_positions, start_pass,
+                                          tokenize_doc)
 from toolformer_ray.core.types import Document
 
 
@@ -73,27 +74,52 @@ class Annotator:
             chosen = [d for d in docs if len(tok_docs[d.doc_id].ids) > self.min_pos
                       and (not tc.prefilter or tool.prefilter(d))]
             counts["docs_prefiltered"] += len(chosen)
+            # similar lengths in a pass waste little on padding; results do not depend on the grouping
+            chosen.sort(key=lambda d: -len(tok_docs[d.doc_id].ids))
+            # Teacher-forced passes go batch_docs documents at a time; their sampled calls are pooled
+            # until a decoding batch is full, so sparse positions (tau_s > 0) still decode in large batches.
+            pending: list = []
+            rows_pending = 0
             for s in range(0, len(chosen), self.batch_docs):
-                batch = chosen[s:s + self.batch_docs]
-                candidates += self._sample_batch(name, tool, tc, batch, tok_docs, counts,
-                                                 p_api.setdefault(name, []))
+                part = self._start(name, tc, chosen[s:s + self.batch_docs], tok_docs, counts,
+                                   p_api.setdefault(name, []))
+                if part is not None:
+                    pending.append(part)
+                    rows_pending += len(part[3]) * tc.m
+                if pending and (rows_pending >= self.batch_rows or len(pending) >= 8):
+                    candidates += self._decode(name, tool, tc, pending, counts)
+                    pending, rows_pending = [], 0
+            if pending:
+                candidates += self._decode(name, tool, tc, pending, counts)
         return SampleResult(candidates=candidates, funnel=funnel, p_api=p_api)
 
-    def _sample_batch(self, name, tool, tc, batch: list[Document], tok_docs, counts, p_seen) -> list[Candidate]:
+    def _start(self, name, tc, batch: list[Document], tok_docs, counts, p_seen):
+        """The p_i pass for a batch and the positions to sample at: (docs, tokenized docs, pass, [(b, i)])."""
         docs_t = [tok_docs[d.doc_id] for d in batch]
         sp = start_pass(self.model, self.tokenizer, self.prompts[name], docs_t, [d.text for d in batch],
                         self.marker_ids[0], self.pad_id, log=self.work_log)
-        probs = sp.probs
         if len(self.marker_ids) > 1:
-            probs = self._full_marker_probs(sp, docs_t)
+            sp.probs = self._full_marker_probs(sp, docs_t)
         selected: list[tuple[int, int]] = []  # (row in batch, position)
         for b, d in enumerate(docs_t):
-            usable = [probs[b][i] for i in range(self.min_pos, len(d.ids)) if d.char_pos[i] is not None]
+            usable = [sp.probs[b][i] for i in range(self.min_pos, len(d.ids)) if d.char_pos[i] is not None]
             p_seen += usable
             counts["positions_above_tau_s"] += sum(p > tc.tau_s for p in usable)
-            selected += [(b, i) for i in select_positions(probs[b], d, tc.tau_s, tc.k, self.min_pos)]
+            selected += [(b, i) for i in select_positions(sp.probs[b], d, tc.tau_s, tc.k, self.min_pos)]
         counts["positions_sampled"] += len(selected)
-        rows = [DecodeRow(doc=b, ctx_len=sp.doc_offset[b] + i, seed_key=f"{batch[b].doc_id}|{name}|{i}|{j}")
+        return (batch, docs_t, sp, selected) if selected else None
+
+    def _decode(self, name, tool, tc, parts: list, counts) -> list[Candidate]:
+        """Sample m calls at every selected position of the pooled passes; parse and de-duplicate them."""
+        sp = merge_passes([(p[2], sorted({b for b, _ in p[3]})) for p in parts]) if len(parts) > 1 else parts[0][2]
+        docs, docs_t, selected = [], [], []
+        for batch, part_docs_t, part_sp, part_sel in parts:
+            used = sorted({b for b, _ in part_sel}) if len(parts) > 1 else list(range(len(batch)))
+            new_index = {b: len(docs) + k for k, b in enumerate(used)}
+            docs += [batch[b] for b in used]
+            docs_t += [part_docs_t[b] for b in used]
+            selected += [(new_index[b], i) for b, i in part_sel]
+        rows = [DecodeRow(doc=b, ctx_len=sp.doc_offset[b] + i, seed_key=f"{docs[b].doc_id}|{name}|{i}|{j}")
                 for b, i in selected for j in range(tc.m)]
         counts["calls_sampled"] += len(rows)
         outs = []
@@ -111,8 +137,8 @@ class Annotator:
             if call.input in per_pos:
                 per_pos[call.input].n_samples += 1
             else:
-                per_pos[call.input] = Candidate(doc_id=batch[b].doc_id, tool=name, token_pos=i,
-                                                char_pos=docs_t[b].char_pos[i], p_api=probs[b][i], call=call)
+                per_pos[call.input] = Candidate(doc_id=docs[b].doc_id, tool=name, token_pos=i,
+                                                char_pos=docs_t[b].char_pos[i], p_api=sp.probs[b][i], call=call)
         result = [c for (b, i) in sorted(found) for c in found[(b, i)].values()]
         counts["calls_distinct"] += len(result)
         return result

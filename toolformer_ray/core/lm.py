@@ -176,22 +176,28 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
                             shared_prefix=None, doc_context: DocContext | None = None, **kwargs):
     """Attention over [shared prefix, document context, row's own tokens] as separate parts, merged exactly.
 
-    query [B, H, q, d]; key/value [B, kv_heads, k, d] (the rows' own part, part 3); attention_mask: bool
-    [B, 1, q, k], True = may attend, for part 3 (parts 1 and 2 are visible as described above).
+    query [B, H, q, d]; key/value [B, kv_heads, k, d]: the rows' own tokens (part 3), which a query sees
+    causally (when q == k: a teacher-forced row, or a multi-token marker fed at once) or all of (q == 1:
+    one decoding step); `attention_mask` is a placeholder. Parts 1 and 2 are visible as described above.
     Grouped-query heads are folded into the query axis instead of repeating K/V; each part is one fused
     attention call that also returns its log-sum-exp.
     """
     B, H, Q, D = query.shape
     n_kv = key.shape[1]
+    K = key.shape[2]
+    if Q > 1 and Q != K:
+        raise ValueError("a row's own tokens are fed all at once or one per step")
     g = H // n_kv  # query heads per key/value head
     gq = g * Q
     scale = scaling if scaling is not None else D ** -0.5
+    if Q > 1:  # causal over the row's own tokens; heads stay separate for the causal kernel
+        q_rows = query.reshape(B, n_kv, g, Q, D)
+        o, lse = _attend(q_rows.reshape(B * n_kv, g, Q, D), key.reshape(B * n_kv, 1, K, D).expand(-1, g, -1, -1),
+                         value.reshape(B * n_kv, 1, K, D).expand(-1, g, -1, -1), None, scale, causal=True)
+        parts = [(o.reshape(B, n_kv, gq, D), lse.reshape(B, n_kv, gq))]
+    else:
+        parts = [_attend(query.reshape(B, n_kv, gq, D), key, value, None, scale, fused=K > 64)]
     q = query.reshape(B, n_kv, gq, D)
-    bias = None
-    if attention_mask is not None:
-        m = attention_mask[:, :, None].expand(B, 1, g, Q, attention_mask.shape[-1]).reshape(B, 1, gq, -1)
-        bias = torch.zeros(m.shape, dtype=query.dtype, device=query.device).masked_fill_(~m, float("-inf"))
-    parts = [_attend(q, key, value, bias, scale, fused=key.shape[2] > 64)]
     if shared_prefix is not None:
         pk, pv = shared_prefix[module.layer_idx]  # [kv, P, d]
         qp = q.permute(1, 0, 2, 3).reshape(1, n_kv, B * gq, D)
@@ -217,14 +223,16 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     return out.to(query.dtype), None
 
 
-def _attend(q, k, v, bias, scale, fused: bool = True):
+def _attend(q, k, v, bias, scale, fused: bool = True, causal: bool = False):
     """(softmax(q k^T * scale + bias) v, log-sum-exp of the scores), float32 softmax. The fused CPU kernel
     wins on long keys; plain float32 math wins on a few keys (a row's own new tokens)."""
-    if fused and q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias,
+    if (fused or causal) and q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias,
                                                                               scale=scale)
         return out, lse.float()
     s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if causal:
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril(), float("-inf"))
     if bias is not None:
         s = s + bias.float()
     lse = torch.logsumexp(s, -1)
@@ -247,17 +255,20 @@ def check_prefix_attention_supported(model) -> None:
             raise ValueError(f"{cfg.model_type} uses {attr}; shared-prefix attention does not implement it")
 
 
-def prefix_forward(model, input_ids: torch.Tensor, rows: RowKV, prefix_kv, mask: torch.Tensor,
-                   position_ids: torch.Tensor, doc_context: DocContext | None = None) -> torch.Tensor:
+_NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)  # a 4D mask makes HF skip its own mask building
+
+
+def prefix_forward(model, input_ids: torch.Tensor, rows: RowKV, prefix_kv, position_ids: torch.Tensor,
+                   doc_context: DocContext | None = None) -> torch.Tensor:
     """Final hidden states of `input_ids` [R, q] attending to the shared prefix (all of it), to the rows'
-    document context if given, and to each row's own cached tokens (where `mask` [R, q, k] is True);
-    appends the new keys/values to `rows`."""
+    document context if given, and to each row's own tokens (causally); appends their keys/values to `rows`.
+    Either rows are empty and q tokens are fed at once, or one token per row is fed per step."""
     dev = model.device
     cfg = model.config
     saved = cfg._attn_implementation
     cfg._attn_implementation = PREFIX_ATTENTION
     try:
-        out = decoder(model)(input_ids=input_ids.to(dev), attention_mask=mask[:, None].to(dev),
+        out = decoder(model)(input_ids=input_ids.to(dev), attention_mask=_NO_MASK.to(dev),
                              position_ids=position_ids.to(dev), past_key_values=rows, use_cache=True,
                              shared_prefix=prefix_kv, doc_context=doc_context)
     finally:

@@ -110,10 +110,6 @@ class StartPass:
     prefix_kv: list[tuple[torch.Tensor, torch.Tensor]]  # the shared prompt's KV, [kv_heads, P, head_dim]
 
 
-def causal_mask(n: int) -> torch.Tensor:
-    return torch.ones(n, n, dtype=torch.bool).tril()
-
-
 @torch.inference_mode()
 def start_pass(model, tokenizer, prompt: ToolPrompt, docs: list[TokenizedDoc], texts: list[str],
                start_id: int, pad_id: int, log: list | None = None) -> StartPass:
@@ -128,8 +124,7 @@ def start_pass(model, tokenizer, prompt: ToolPrompt, docs: list[TokenizedDoc], t
     if log is not None:
         log.append(("start", [len(r) for r in rows], P))
     cache = RowKV.empty(model, B, L)
-    hidden = prefix_forward(model, ids, cache, prompt.kv, causal_mask(L).expand(B, L, L),
-                            (P + torch.arange(L)).expand(B, L))
+    hidden = prefix_forward(model, ids, cache, prompt.kv, (P + torch.arange(L)).expand(B, L))
     # The hidden state at row index len(input)-1+i predicts document token i: p_i = its prob of API-start.
     row_idx, pos_idx = [], []
     for b, (inp, d) in enumerate(zip(inputs, docs)):
@@ -146,6 +141,26 @@ def start_pass(model, tokenizer, prompt: ToolPrompt, docs: list[TokenizedDoc], t
         k += len(d.ids)
     return StartPass(probs=probs, kv=cache.layers(), doc_offset=[len(inp) for inp in inputs], prefix_len=P,
                      prefix_kv=prompt.kv)
+
+
+def merge_passes(parts: list[tuple[StartPass, list[int]]]) -> StartPass:
+    """One StartPass holding the given documents (rows) of several passes of the same prompt, so their
+    sampled calls decode in one batch (positions above tau_s can be rare: a pass alone may have few)."""
+    width = max(sp.kv[0][0].shape[2] for sp, _ in parts)
+    layers = []
+    for layer in range(len(parts[0][0].kv)):
+        ks, vs = [], []
+        for sp, docs in parts:
+            idx = torch.tensor(docs, dtype=torch.long, device=sp.kv[layer][0].device)
+            k, v = sp.kv[layer][0].index_select(0, idx), sp.kv[layer][1].index_select(0, idx)
+            pad = width - k.shape[2]
+            ks.append(torch.nn.functional.pad(k, (0, 0, 0, pad)))
+            vs.append(torch.nn.functional.pad(v, (0, 0, 0, pad)))
+        layers.append((torch.cat(ks), torch.cat(vs)))
+    first = parts[0][0]
+    return StartPass(probs=[sp.probs[b] for sp, docs in parts for b in docs], kv=layers,
+                     doc_offset=[sp.doc_offset[b] for sp, docs in parts for b in docs],
+                     prefix_len=first.prefix_len, prefix_kv=first.prefix_kv)
 
 
 # ----------------------------------------------------------------------------------- step 2: positions
@@ -207,8 +222,8 @@ def decode_calls(model, tokenizer, sp: StartPass, rows: list[DecodeRow], marker_
     cache = RowKV.empty(model, R, M + max(max_tokens, 1))  # only the rows' new tokens
     ctx = torch.tensor([r.ctx_len for r in rows], dtype=torch.long)
     pos = sp.prefix_len + ctx[:, None] + torch.arange(M)[None, :]
-    hidden = prefix_forward(model, torch.tensor([marker_ids] * R, dtype=torch.long), cache, sp.prefix_kv,
-                            causal_mask(M).expand(R, M, M), pos, context)
+    hidden = prefix_forward(model, torch.tensor([marker_ids] * R, dtype=torch.long), cache, sp.prefix_kv, pos,
+                            context)
     marker_lp = torch.zeros(R, dtype=torch.float64)
     if M > 1:
         lp = torch.log_softmax(logits_from_hidden(model, hidden[:, :-1]), -1)
@@ -245,9 +260,8 @@ def decode_calls(model, tokenizer, sp: StartPass, rows: list[DecodeRow], marker_
             next_pos = next_pos[sel]
             active = [active[b] for b in keep]
             tokens = [tokens[b] for b in keep]
-        seen = torch.ones(len(active), 1, cache.length + 1, dtype=torch.bool)  # a row sees all its new tokens
         hidden = prefix_forward(model, torch.tensor(tokens, dtype=torch.long)[:, None], cache, sp.prefix_kv,
-                                seen, next_pos[:, None], context)
+                                next_pos[:, None], context)
         steps.append(len(active))
         last_hidden = hidden[:, -1]
         next_pos = next_pos + 1
