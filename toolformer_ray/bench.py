@@ -10,7 +10,10 @@ throughput  sample + filter on the configured model over a fixed set of corpus d
             at teacher-forced (prefill) speed, a bound no autoregressive decoder reaches.
 bruteforce  the same documents through the brute-force reference (tests/reference.py: one sequence at a time,
             no cache, no truncation), as a ratio of times and of forward tokens.
-Decoding (KV resume vs re-encoding) lives in benchmarks/decoding.py; scaling in benchmarks/scaling.py.
+decoding    tool-aware decoding, KV-cache resume vs re-encoding after a call (toolformer_ray/bench_decoding.py,
+            benchmarks/decoding.py).
+scaling     documents/s of the data job with 1 and 2 LM actors, per-stage costs and a cluster throughput
+            model (toolformer_ray/bench_scaling.py, benchmarks/scaling.py).
 """
 from __future__ import annotations
 
@@ -272,8 +275,19 @@ def run_bench(cfg: Config, which: list[str], docs: int, output: str, threads: in
             ("brute force", f"{r['bruteforce_seconds']:.1f} s, {r['bruteforce_forward_tokens']} forward tokens"),
             ("speed-up", f"{r['speedup']:.1f}x time, {r['token_ratio']:.1f}x tokens"),
         ])
+    if "decoding" in which:
+        from toolformer_ray.bench_decoding import bench_decoding, print_decoding
+
+        results["decoding"] = bench_decoding(cfg)
+        print_decoding(results["decoding"], _print_table)
+    if "scaling" in which:
+        from toolformer_ray.bench_scaling import bench_scaling, print_scaling
+
+        results["scaling"] = bench_scaling(cfg, docs)
+        print_scaling(results["scaling"], _print_table)
     Path(output).mkdir(parents=True, exist_ok=True)
-    name = "_".join(sorted(w for w in which if w in ("throughput", "bruteforce"))) or "bench"
+    known = ("throughput", "bruteforce", "decoding", "scaling")
+    name = "_".join(sorted(w for w in which if w in known)) or "bench"
     path = Path(output) / f"{name}-{cfg.config_hash()}.json"
     path.write_text(json.dumps(results, indent=2, default=float))
     print(f"\nwrote {path}")
