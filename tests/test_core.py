@@ -75,6 +75,8 @@ def test_calls_never_go_inside_a_word_or_number(tiny):
     assert usable and len(usable) < len(td.ids)
     for cp in usable:
         assert cp == 0 or not (text[cp - 1].isalnum() and text[cp].isalnum()), text[:cp]
+        assert cp == 0 or not text[cp - 1].isspace(), text[:cp]  # " [Call()]" never doubles a space
+    assert text.index(" 323") in usable  # the call goes before the number, not inside it
 
 
 def test_split_prompt_rerenders_example_calls_with_configured_markers():

@@ -32,6 +32,7 @@ from toolformer_ray.core.filtering import ScoredCall
 from toolformer_ray.core.merge import inserted_text, merge_documents
 from toolformer_ray.core.sampling import Candidate
 from toolformer_ray.core.types import Document
+from toolformer_ray.report import p_api_counts
 from toolformer_ray.schema import (CALLS_SCHEMA, CANDIDATES_SCHEMA, DOCUMENTS_SCHEMA, QUARANTINE_SCHEMA,
                                    SCHEMA_VERSION)
 
@@ -185,6 +186,7 @@ class ShardWork:
     scored: list[ScoredCall] = field(default_factory=list)
     funnel: dict[str, Counter] = field(default_factory=dict)
     timings: Counter = field(default_factory=Counter)
+    p_api_hist: dict = field(default_factory=dict)  # tool -> counts of p_api at every position (report)
     error: str | None = None
 
     @property
@@ -281,6 +283,21 @@ def _init_ray(cfg: Config) -> bool:
     return True
 
 
+def _check_local_resources(cfg: Config, tools_cfg: dict) -> None:
+    """On a local Ray nothing will ever add CPUs: asking for more than there are would wait forever."""
+    import ray
+
+    from toolformer_ray.errors import UserError
+
+    have = ray.cluster_resources().get("CPU", 0)
+    need = (cfg.ray.lm_actors * cfg.ray.lm_actor_cpus + cfg.ray.reader_cpus
+            + sum(tc.workers * tc.worker_cpus for tc in tools_cfg.values()))
+    if need > have + 1e-9:
+        raise UserError(f"the LM actors, tool workers and shard reader ask for {need:g} CPUs but local Ray has "
+                        f"{have:g}: lower ray.lm_actor_cpus, tools.*.worker_cpus or ray.reader_cpus "
+                        "(they are Ray's bookkeeping; torch threads are set by ray.torch_threads)")
+
+
 def _model_info(model_dir: str, cfg: Config) -> dict:
     from toolformer_ray.models import directory_revision
 
@@ -331,6 +348,8 @@ def run_generate(cfg: Config, use_ray: bool = True, progress: bool = True) -> Ge
     try:
         if use_ray and todo:
             stop_ray = _init_ray(cfg)
+            if stop_ray:
+                _check_local_resources(cfg, tools_cfg)
             backend = RayBackend(cfg, model_dir)
             executor = RayToolExecutor(tools_cfg)
         elif todo:
@@ -357,6 +376,7 @@ def run_generate(cfg: Config, use_ray: bool = True, progress: bool = True) -> Ge
     run_info = {"started_at": started_at, "finished_at": finished_at, "host": socket.gethostname(),
                 "use_ray": use_ray, "seconds": round(time.time() - started, 2),
                 "shards_processed": sum(w.error is None for w in works), "shards_failed": failed,
+                "write_seconds": round(sum(w.timings["write"] for w in works), 3),
                 "tool_stats": tool_stats, "limit": cfg.corpus.limit}
     manifest = build_manifest(store, config=cfg.model_dump(mode="json"), model=model,
                               inputs={"uri": cfg.corpus.input, "format": cfg.corpus.format,
@@ -440,8 +460,14 @@ def _schedule(cfg, works: list[ShardWork], backend, executor, tokenizer, store, 
                 continue
             if kind == "sample":
                 _merge_funnel(w.funnel, value.funnel)
+                for tool, values in value.p_api.items():
+                    counts = p_api_counts(values)
+                    old = w.p_api_hist.get(tool, [0] * len(counts))
+                    w.p_api_hist[tool] = [a + b for a, b in zip(old, counts)]
                 b.candidates = value.candidates
-                _submit_tools(b, executor)
+                t = time.perf_counter()
+                _submit_tools(b, executor)  # in-process executors run the tools right here
+                w.timings["execute_submit"] += time.perf_counter() - t
                 executing.append(b)
                 prog.update(calls=len(b.candidates))
             else:
@@ -529,9 +555,10 @@ def _commit_shard(cfg: Config, w: ShardWork, store, model: dict, config_hash: st
         "documents": pa.Table.from_pylist(doc_rows, DOCUMENTS_SCHEMA),
         "quarantine": pa.Table.from_pylist(w.quarantine, QUARANTINE_SCHEMA),
     }
-    t = time.perf_counter()
-    record = {**w.plan.shard.to_dict(), "funnel": funnel, "documents": len(w.docs),
+    # (the write itself cannot be timed inside the record it writes: the driver sums it into the run's info)
+    record = {**w.plan.shard.to_dict(), "funnel": funnel, "documents": len(w.docs), "p_api_hist": w.p_api_hist,
               "timings": {k: round(v, 3) for k, v in w.timings.items()}}
+    t = time.perf_counter()
     store.write_shard(shard_id, tables, record, max_docs=w.plan.max_docs)
     w.timings["write"] += time.perf_counter() - t
     return len(call_rows)

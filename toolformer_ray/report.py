@@ -2,7 +2,8 @@
 
     report.md     the funnel per tool (the paper's Table 2 and the steps before it), kept counts at several
                   tau_f recomputed from the candidates, examples of kept calls, timings per stage
-    p_api.png     histogram of p_api per tool, tau_s marked
+    p_api.png     histogram of p_api per tool at the sampled positions, tau_s marked
+    p_api_positions.png  p_api at every usable position (log scale), from the shards' commit records
     utility.png   histogram of L- - L+ per tool, the tool's tau_f marked (and the report's tau_f dashed)
 
 Kept at tau: (min(loss_no_call, loss_call_no_result) - loss_plus) >= tau, as in the filter. Figures are
@@ -146,6 +147,38 @@ def histogram_png(values_by_tool: dict[str, np.ndarray], xlabel: str, marks: dic
     return buf.getvalue()
 
 
+# p_api over every usable position (not only the sampled ones), as fixed log-spaced counts per shard
+P_API_EDGES = np.concatenate([[0.0], np.logspace(-8, 0, 33)])
+
+
+def p_api_counts(values: list[float]) -> list[int]:
+    """Counts of p_api values in P_API_EDGES bins (what a shard's commit record keeps)."""
+    return np.histogram(np.clip(np.asarray(values, dtype=float), 0.0, 1.0), bins=P_API_EDGES)[0].tolist()
+
+
+def positions_png(counts_by_tool: dict[str, list[int]], tau_s_by_tool: dict[str, float]) -> bytes:
+    tools = list(counts_by_tool) or ["(none)"]
+    nrows, ncols = _grid(len(tools))
+    fig = Figure(figsize=(4.2 * ncols, 3.0 * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, tool in enumerate(tools):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        counts = np.asarray(counts_by_tool.get(tool, []), dtype=float)
+        if counts.sum():
+            ax.stairs(counts[1:], P_API_EDGES[1:], fill=True, color="#4878a8")
+            ax.set_xscale("log")
+        tau = tau_s_by_tool.get(tool)
+        if tau:
+            ax.axvline(tau, color="#c03030", linewidth=1.2, label=f"tau_s = {tau:g}")
+            ax.legend(fontsize=8, frameon=False)
+        ax.set_title(f"{tool} (n={int(counts.sum())} positions)", fontsize=10)
+        ax.set_xlabel("p_api (log scale)", fontsize=9)
+        ax.set_ylabel("positions", fontsize=9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
 # ------------------------------------------------------------------------------------------------ examples
 
 def pick_examples(candidates: pa.Table, tau_f_by_tool: dict[str, float], per_tool: int) -> dict[str, list[dict]]:
@@ -222,7 +255,7 @@ def write_report(store_or_dir: OutputStore | str, candidates: pa.Table, funnel: 
                  timings: dict[str, Any], tau_f_by_tool: dict[str, float], report_tau_f: list[float],
                  *, documents: pa.Table | None = None, tau_s_by_tool: dict[str, float] | None = None,
                  examples_per_tool: int = 3, title: str = "Toolformer data generation report",
-                 storage_options: dict | None = None) -> str:
+                 storage_options: dict | None = None, p_api_positions: dict[str, list[int]] | None = None) -> str:
     """Write report.md, p_api.png and utility.png to `<version>/report/` and return report.md's URI.
 
     store_or_dir  an OutputStore, or an output-version directory (local or s3://)
@@ -253,6 +286,8 @@ def write_report(store_or_dir: OutputStore | str, candidates: pa.Table, funnel: 
                            + [(x, ":", None) for x in report_tau_f if x != tau_f_by_tool[t]]
                            for t in tools if t in tau_f_by_tool})
     put_bytes(fs, f"{report_dir}/p_api.png", p_png)
+    if p_api_positions:
+        put_bytes(fs, f"{report_dir}/p_api_positions.png", positions_png(p_api_positions, tau_s_by_tool))
     put_bytes(fs, f"{report_dir}/utility.png", u_png)
 
     if "kept" not in candidates.column_names:
@@ -279,6 +314,9 @@ def write_report(store_or_dir: OutputStore | str, candidates: pa.Table, funnel: 
         "## Distributions", "",
         "p_api = p(API start | prompt, x_<i) at each sampled position (the tool's tau_s as a red line):", "",
         "![p_api per tool](p_api.png)", "",
+        *(["p_api at every usable position of the documents that passed the pre-filter (log scale; positions "
+           "right of tau_s are candidates, the top k of a document are sampled):", "",
+           "![p_api at all positions](p_api_positions.png)", ""] if p_api_positions else []),
         "L- - L+ of every scored call (the tool's tau_f solid, the report's other tau_f dotted):", "",
         "![L- - L+ per tool](utility.png)", "",
         "## Examples of kept calls", "",
@@ -296,6 +334,11 @@ def report_from_store(store: OutputStore, tau_f_by_tool: dict[str, float], repor
     """The report of a whole output version: candidates over its committed shards, funnel and timings from
     the manifest (or summed from the commit records if there is no manifest yet)."""
     from toolformer_ray.storage import sum_funnels, sum_timings
+    positions: dict[str, np.ndarray] = {}
+    for record in store.readable_units().values():
+        for tool, counts in (record.get("p_api_hist") or {}).items():
+            positions[tool] = positions.get(tool, 0) + np.asarray(counts)
+    kwargs.setdefault("p_api_positions", {t: c.tolist() for t, c in positions.items()})
     manifest = store.read_manifest()
     if manifest is not None:
         funnel, stage_timings = manifest.get("funnel", {}), manifest.get("timings", {})

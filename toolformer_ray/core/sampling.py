@@ -44,10 +44,11 @@ def tokenize_doc(tokenizer, text: str) -> TokenizedDoc:
         prev_end, start = offsets[i - 1][1], offsets[i][0]
         # A call goes right after the previous token, before any whitespace that belongs to token i
         # (" Paris" -> "of [Call()] Paris"). Overlapping offsets mean a character split across tokens.
-        # Calls go between words only: tokenizers that split numbers into digits (SmolLM2 writes "323" as
-        # "3","2","3") would otherwise put a call inside a number.
-        ok = prev_end <= start and text[prev_end:start].strip() == ""
-        if ok and prev_end == start and 0 < start < len(text):
+        # Calls go between words only: tokenizers that split numbers into digits (SmolLM2 writes " 323" as
+        # " ","3","2","3") would otherwise put a call inside a number, or after a lone space token, where the
+        # call's own leading space would double it.
+        ok = prev_end <= start and text[prev_end:start].strip() == "" and not text[prev_end - 1:prev_end].isspace()
+        if ok and prev_end == start and start < len(text):
             ok = not (text[start - 1].isalnum() and text[start].isalnum())
         char_pos.append(prev_end if ok else None)
     return TokenizedDoc(ids=ids, char_pos=char_pos)
