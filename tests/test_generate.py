@@ -109,6 +109,8 @@ def test_full_run_on_ray_writes_recomputable_rows(caller, corpus, tmp_path, ray_
     f = manifest["funnel"]["Calculator"]
     assert f["docs_seen"] == 18 and f["kept_after_cap"] == len(t["calls"])
     assert Path(summary.report).is_file()
+    assert (Path(summary.report).parent / "p_api_positions.png").stat().st_size > 1000
+    assert "p_api_positions.png" in Path(summary.report).read_text()
     # --no-ray runs the same scheduler in this process and gives the same rows
     cfg2 = make_cfg(caller, corpus, tmp_path / "out-noray")
     t2 = tables(run_generate(cfg2, use_ray=False, progress=False).output)

@@ -117,15 +117,30 @@ def _grid(n: int) -> tuple[int, int]:
     return math.ceil(max(1, n) / cols), cols
 
 
-def histogram_png(values_by_tool: dict[str, np.ndarray], xlabel: str, marks: dict[str, list[tuple[float, str, str]]],
-                  bins: int | np.ndarray = 40, log_y: bool = True) -> bytes:
-    """One panel per tool; `marks[tool]` are (x, linestyle, label) vertical lines (thresholds)."""
-    tools = list(values_by_tool) or ["(none)"]
+def _panels_png(tools: list[str], draw) -> bytes:
+    """A figure with one panel per tool, drawn by draw(ax, tool); returned as PNG bytes."""
+    tools = tools or ["(none)"]
     nrows, ncols = _grid(len(tools))
     fig = Figure(figsize=(4.2 * ncols, 3.0 * nrows), layout="constrained")
     FigureCanvasAgg(fig)
     for i, tool in enumerate(tools):
-        ax = fig.add_subplot(nrows, ncols, i + 1)
+        draw(fig.add_subplot(nrows, ncols, i + 1), tool)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def _mark(ax, marks: list[tuple[float, str, str | None]]) -> None:
+    for x, style, label in marks:
+        ax.axvline(x, color="#c03030", linestyle=style, linewidth=1.2, label=label)
+    if marks:
+        ax.legend(fontsize=8, frameon=False)
+
+
+def histogram_png(values_by_tool: dict[str, np.ndarray], xlabel: str, marks: dict[str, list[tuple[float, str, str]]],
+                  bins: int | np.ndarray = 40, log_y: bool = True) -> bytes:
+    """One panel per tool; `marks[tool]` are (x, linestyle, label) vertical lines (thresholds)."""
+    def draw(ax, tool):
         values = values_by_tool.get(tool, np.zeros(0))
         values = values[np.isfinite(values)]
         if values.size:
@@ -135,16 +150,12 @@ def histogram_png(values_by_tool: dict[str, np.ndarray], xlabel: str, marks: dic
                 ax.set_ylim(bottom=0.8)
         else:
             ax.text(0.5, 0.5, "no candidates", ha="center", va="center", transform=ax.transAxes)
-        for x, style, label in marks.get(tool, []):
-            ax.axvline(x, color="#c03030", linestyle=style, linewidth=1.2, label=label)
-        if marks.get(tool):
-            ax.legend(fontsize=8, frameon=False)
+        _mark(ax, marks.get(tool, []))
         ax.set_title(f"{tool} (n={values.size})", fontsize=10)
         ax.set_xlabel(xlabel, fontsize=9)
         ax.set_ylabel("candidates", fontsize=9)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return buf.getvalue()
+
+    return _panels_png(list(values_by_tool), draw)
 
 
 # p_api over every usable position (not only the sampled ones), as fixed log-spaced counts per shard
@@ -157,26 +168,19 @@ def p_api_counts(values: list[float]) -> list[int]:
 
 
 def positions_png(counts_by_tool: dict[str, list[int]], tau_s_by_tool: dict[str, float]) -> bytes:
-    tools = list(counts_by_tool) or ["(none)"]
-    nrows, ncols = _grid(len(tools))
-    fig = Figure(figsize=(4.2 * ncols, 3.0 * nrows), layout="constrained")
-    FigureCanvasAgg(fig)
-    for i, tool in enumerate(tools):
-        ax = fig.add_subplot(nrows, ncols, i + 1)
+    """p_api at every usable position, log-x (values below 1e-8 are left out of the plot)."""
+    def draw(ax, tool):
         counts = np.asarray(counts_by_tool.get(tool, []), dtype=float)
         if counts.sum():
             ax.stairs(counts[1:], P_API_EDGES[1:], fill=True, color="#4878a8")
             ax.set_xscale("log")
         tau = tau_s_by_tool.get(tool)
-        if tau:
-            ax.axvline(tau, color="#c03030", linewidth=1.2, label=f"tau_s = {tau:g}")
-            ax.legend(fontsize=8, frameon=False)
+        _mark(ax, [(tau, "-", f"tau_s = {tau:g}")] if tau else [])
         ax.set_title(f"{tool} (n={int(counts.sum())} positions)", fontsize=10)
         ax.set_xlabel("p_api (log scale)", fontsize=9)
         ax.set_ylabel("positions", fontsize=9)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return buf.getvalue()
+
+    return _panels_png(list(counts_by_tool), draw)
 
 
 # ------------------------------------------------------------------------------------------------ examples
