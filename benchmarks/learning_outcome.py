@@ -1,6 +1,6 @@
 """Does the pipeline's own output teach the default model to use the calculator?
 
-    .venv/bin/python benchmarks/learning_outcome.py [--work runs/learning_outcome] [--generated 900]
+    .venv/bin/python benchmarks/learning_outcome.py [--work runs/learning_outcome] [--generated 900] [--corpus-docs N]
 
 1. input: the documents of ../shared/data/corpus/annotation_corpus.jsonl that pass the calculator's
    pre-filter (appendix A.1), plus generated arithmetic documents (toolformer_ray/evaluation/arithmetic.py),
@@ -29,6 +29,8 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "configs/learning_outcome.yaml"))
     ap.add_argument("--shared", default=str(ROOT.parent / "shared/data"))
     ap.add_argument("--generated", type=int, default=900, help="generated arithmetic documents")
+    ap.add_argument("--corpus-docs", type=int, default=None,
+                    help="use only the first N pre-filtered corpus documents (default: all)")
     ap.add_argument("--eval-n", type=int, default=150, help="examples per evaluation set")
     ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the config's)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["generate", "finetune", "eval"])
@@ -48,12 +50,12 @@ def main() -> None:
     # 1. inputs (deterministic, so a rerun writes the same shards and generate skips them)
     (work / "input").mkdir(parents=True, exist_ok=True)
     corpus = [json.loads(line) for line in open(Path(args.shared) / "corpus/annotation_corpus.jsonl")]
-    kept = [r for r in corpus if calculator_prefilter(r["text"], r["id"])]
+    kept = [r for r in corpus if calculator_prefilter(r["text"], r["id"])][:args.corpus_docs]
     write_jsonl(work / "input/corpus_prefiltered.jsonl", kept)
     write_jsonl(work / "input/generated_arithmetic.jsonl", training_documents(args.generated, seed=0))
     (work / "eval_data").mkdir(exist_ok=True)
     write_jsonl(work / "eval_data/arithmetic.jsonl", eval_set(args.eval_n))
-    print(f"input: {len(kept)} of {len(corpus)} corpus documents pass the calculator pre-filter; "
+    print(f"input: {len(kept)} of {len(corpus)} corpus documents (pre-filtered, capped at --corpus-docs); "
           f"{args.generated} generated arithmetic documents", flush=True)
 
     # 2. generate

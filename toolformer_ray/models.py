@@ -234,7 +234,9 @@ def load_model(path: str = "default", dtype: str = "bfloat16", cache_dir: str | 
                tiny_seed: int = 0, device: str | torch.device = "cpu") -> LoadedModel:
     """Load model + tokenizer from `path` ("default", "tiny", a directory or an s3:// URI), in eval mode."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a bar per load clutters job logs (one per actor)
     if dtype not in _DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
     model_dir = resolve_model_dir(path, cache_dir, tiny_seed)
