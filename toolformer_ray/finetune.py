@@ -528,7 +528,9 @@ def _ensure_ray(cfg: Config) -> bool:
     if address:
         ray.init(address=address)
     else:
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False)
+        # Ray Train's placement-group cleaner polls the state API, which lives in the dashboard: without
+        # it, the job log fills with "Failed to query Ray Train Controller actor state" every second.
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=True)
     return True
 
 
