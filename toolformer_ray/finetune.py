@@ -766,9 +766,9 @@ def run_finetune(cfg: Config) -> FinetuneResult:
         best, best_metrics = min(candidates, key=lambda cm: (cm[1]["dev_ppl"], -cm[1]["step"]))
     else:
         best, best_metrics = max(candidates, key=lambda cm: cm[1]["step"])
-    last_step = max(m["step"] for _, m in candidates)
-
     records = load_metrics(log_dir / "metrics.jsonl")
+    # Ray keeps only the keep_checkpoints best, so the last step may have left best_checkpoints: ask the log.
+    last_step = max([m["step"] for _, m in candidates] + [r["step"] for r in records if "step" in r])
     this_run = [r for r in records if r.get("time", 0) >= t_start and "start_step" in r]
     resumed_from = this_run[0]["start_step"] if this_run and this_run[0]["start_step"] else (
         last_step if resuming and not this_run else None)
