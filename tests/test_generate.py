@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,9 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -19,6 +22,7 @@ from toolformer_ray.api_text import Markers, strip_calls
 from toolformer_ray.config import load_config
 from toolformer_ray.generate import run_generate
 from toolformer_ray.models import load_model
+from toolformer_ray.verify import verify_output
 
 from caller_model import caller_model_dir, corpus_records
 from reference import loss_ref
@@ -99,6 +103,19 @@ def test_full_run_on_ray_writes_recomputable_rows(caller, corpus, tmp_path, ray_
         assert row.loss_no_call == pytest.approx(loss_ref(lm.model, [], [], ids, row.token_pos), abs=1e-4)
         assert row.loss_call_no_result == pytest.approx(loss_ref(lm.model, [], nores, ids, row.token_pos), abs=1e-4)
         assert min(row.loss_no_call, row.loss_call_no_result) - row.loss_plus >= row.tau_f
+    # `toolformer-ray verify` does the same from the output alone, and catches a tampered loss
+    report, tol = verify_output(summary.output)
+    assert report.ok and report.checked == len(t["calls"]) and tol == 1e-4 and report.max_abs_diff < 1e-4
+    tampered_dir = tmp_path / "tampered"
+    shutil.copytree(summary.output, tampered_dir / Path(summary.output).name)
+    part = sorted((tampered_dir / Path(summary.output).name / "calls").glob("*.parquet"))[0]
+    table = pq.read_table(part)
+    losses = table.column("loss_plus").to_pylist()
+    losses[0] += 0.01
+    pq.write_table(table.set_column(table.schema.get_field_index("loss_plus"), "loss_plus",
+                                    pa.array(losses, table.schema.field("loss_plus").type)), part)
+    bad, _ = verify_output(str(tampered_dir / Path(summary.output).name))
+    assert not bad.ok and len(bad.mismatches) == 1 and "loss_plus" in bad.mismatches[0]
     # the augmented text is the original plus the kept calls
     markers = Markers()
     for row in t["documents"].itertuples():

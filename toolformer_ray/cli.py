@@ -175,6 +175,24 @@ def tool(
 
 
 @app.command()
+def verify(
+    version: str = typer.Argument(..., help="An output version: <run.output>/<config_hash> (local or s3://)."),
+    limit: Optional[int] = typer.Option(None, help="Check only the first N kept calls."),
+    dtype: Optional[str] = typer.Option(None, help="Recompute in this dtype (default: the run's)."),
+    tolerance: Optional[float] = typer.Option(None, help="Allowed |recomputed - stored| (default: 1e-4 for "
+                                                         "float32 runs, 0.15 for bf16 ones)."),
+    model: Optional[str] = typer.Option(None, help="The run's model, if not at the path stored in the rows."),
+):
+    """Recompute the kept calls' losses from the output alone (plain full forwards) and re-check the filter."""
+    from toolformer_ray.verify import verify_output
+
+    report, tol = verify_output(version, limit=limit, dtype=dtype, tolerance=tolerance, model_path=model)
+    typer.echo(report.describe(tol))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
 def bench(
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[list[str]] = SetOpt,
