@@ -171,7 +171,8 @@ def _evaluate_where_it_fits(cfg: Config, models: list[str]) -> dict:
     import ray
 
     if ray.is_initialized():
-        task = ray.remote(num_cpus=cfg.nightly.eval_cpus, max_retries=1)(evaluate_round)
+        task = ray.remote(num_cpus=cfg.nightly.eval_cpus, num_gpus=cfg.nightly.eval_gpus,
+                          max_retries=1)(evaluate_round)
         return ray.get(task.remote(cfg, models))
     return evaluate_round(cfg, models)
 

@@ -2,8 +2,10 @@
 
 One Ray session for the module. ZeRO-2: a run killed after its step-2 checkpoint (fault drill), a second run
 that resumes there and redoes step 3 with the same loss (same weights, optimizer state and rows), the export.
-ZeRO-3: checkpoints and the exported model on S3 (moto), bf16 where the CPU has it, result masking and mixed
-original text. The exported directories load with AutoModelForCausalLM.from_pretrained and reproduce the
+ZeRO-3: the model built partitioned (no rank ever holds all of it), checkpoints and the exported model on S3
+(moto), bf16 where the CPU has it, result masking and mixed original text. Each checkpoint carries hf/, the
+weights gathered and written by rank 0; the export is a storage-side copy of the best one's. The exported
+directories load with AutoModelForCausalLM.from_pretrained and reproduce the
 logits the trained engine computed on a probe when it saved the checkpoint.
 """
 from __future__ import annotations
@@ -125,21 +127,36 @@ def test_zero2_checkpoint_resume_and_export(ray_session, corpus, tmp_path, monke
     assert (out / "loss_curve.png").stat().st_size > 1000
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert "dev perplexity" in result.describe()
+    # ZeRO-2 partitions optimizer states and gradients only: every rank holds the whole model (the contrast
+    # to the ZeRO-3 test below, and proof that the count sees whole parameters)
+    trained = [r for r in records if "loss" in r]
+    assert all(r["rank_param_elements_max"] == r["model_param_elements"] > 0 for r in trained)
 
 
-def test_zero3_on_s3_with_masking(ray_session, corpus, s3_endpoint, tmp_path):
+def test_zero3_never_holds_the_whole_model_on_a_rank(ray_session, corpus, s3_endpoint, tmp_path):
+    """ZeRO-3 on S3 with result masking and mixed original text. The model is built under zero.Init: before
+    deepspeed.initialize no rank held more than its half of the parameters (plus per-tensor padding); the
+    export was gathered on rank 0 and written to S3 by that worker."""
     out = s3_endpoint.uri("ft")
     cfg = ft_config(corpus, out, stage=3, max_steps=3, bf16="auto", mask_tool_results=True,
                     original_text_ratio=0.5)
     result = run_finetune(cfg)
+    fs = s3_endpoint.fs()
+    root = f"{s3_endpoint.bucket}/ft"
+    records = [json.loads(x) for x in fs.cat_file(f"{root}/metrics.jsonl").decode().splitlines()]
+    trained = [r for r in records if "loss" in r]
+    assert trained
+    for r in trained:
+        full, held = r["model_param_elements"], r["rank_param_elements_max"]
+        assert 0 < held <= full / 2 + 1024, (held, full)  # 2 ranks; padding is < world size per tensor
+
     assert result.steps == 3 and result.resumed_from is None
     assert result.data_stats["masked_result_tokens"] > 0 and result.data_stats["train_original_texts"] > 0
     assert result.last_loss < result.first_loss
 
-    fs = s3_endpoint.fs()
-    root = f"{s3_endpoint.bucket}/ft"
     for rel in ("run.json", "metrics.jsonl", "loss_curve.png", "checkpoints/step_000002/latest",
-                "checkpoints/step_000003/probe.safetensors", "model/model.safetensors", "model/tokenizer.json"):
+                "checkpoints/step_000003/probe.safetensors", "checkpoints/step_000003/hf/config.json",
+                "model/model.safetensors", "model/tokenizer.json", "model/finetune.json"):
         assert fs.exists(f"{root}/{rel}"), rel
     assert fs.glob(f"{root}/tensorboard/events.out.tfevents.*")
     fs.get(f"{root}/model/", str(tmp_path / "model"), recursive=True)

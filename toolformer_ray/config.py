@@ -229,9 +229,10 @@ class NightlyConfig(Section):
     evaluate: bool = True  # evaluate each new model on eval.tasks (eval.data must give their paths)
     eval_previous: bool = True  # ... next to the model it was fine-tuned from
     eval_cpus: float = Field(1.0, gt=0)  # the eval task's CPUs when the job runs on a cluster
+    eval_gpus: float = Field(0.0, ge=0)  # ... and GPUs (> 0: the task waits for a GPU node and runs there)
     lease_ttl_s: float = Field(300.0, gt=0)  # a night renews its lease every ttl/5 s; a dead night's lease expires
     not_hashed: ClassVar[frozenset[str]] = frozenset(
-        {"state", "min_new_calls", "evaluate", "eval_previous", "eval_cpus", "lease_ttl_s"})
+        {"state", "min_new_calls", "evaluate", "eval_previous", "eval_cpus", "eval_gpus", "lease_ttl_s"})
 
 
 class Config(Section):

@@ -4,28 +4,32 @@
       driver   read C* -> pack rows + dev split (finetune_data) -> ray.put
                check the output folder: a run with the same fingerprint is resumed, another one refused
       workers  TorchTrainer, one DeepSpeed engine per worker (gloo + DS_ACCELERATOR=cpu locally, NCCL on GPUs);
-               every step: micro x accumulation rows per worker, a token-weighted loss; every
-               `checkpoint_every` steps and at the end: dev perplexity with calls disabled, a DeepSpeed
-               checkpoint (+ probe logits) reported to Ray Train storage (local or s3://)
-      driver   best checkpoint by dev perplexity -> consolidated fp32 weights (ZeRO-2/3 shards) -> a plain
-               Hugging Face directory, checked against the checkpoint's probe logits; loss curve PNG
+               ZeRO-3 builds the model under deepspeed.zero.Init (partitioned as it is created: no rank
+               holds the whole model); every step: micro x accumulation rows per worker, a token-weighted
+               loss; every `checkpoint_every` steps and at the end: dev perplexity with calls disabled, a
+               DeepSpeed checkpoint + probe logits + hf/ (the weights gathered to rank 0, one module at a
+               time, written as a Hugging Face folder and checked against the probe), all written by the
+               workers to Ray Train storage (local or s3://)
+      driver   best checkpoint by dev perplexity -> its hf/ copied to model/ (storage to storage: the
+               driver never pulls weights or optimizer states); loss curve PNG
 
 Output folder (`finetune.output`, local or s3://):
     run.json            the run's fingerprint (data digest, model, hyper-parameters): what resuming needs
-    checkpoints/        Ray Train storage: step_000010/ ... (DeepSpeed shards, probe.safetensors, state.json)
+    checkpoints/        Ray Train storage: step_000010/ ... (DeepSpeed shards, probe.safetensors, state.json, hf/)
     model/              the exported best model (safetensors, config, tokenizer, finetune.json)
     metrics.jsonl       one line per logged step; tensorboard/ the same as TensorBoard events
     loss_curve.png
 
 Resuming: Ray Train restores its checkpoint list from `checkpoints/`; the workers load the latest DeepSpeed
-checkpoint (weights, optimizer, lr schedule) and continue at its step. The rows of step s are a function of
+checkpoint (weights, optimizer, lr schedule) and continue at its step. DeepSpeed unpickles the shards, which
+can run code: verify_checkpoint checks the plain-JSON state.json (this run's fingerprint), `latest` and the
+files' owners first; resuming from a folder still means trusting whoever can write to it. The rows of step s are a function of
 (seed, s) only (finetune_data.BatchPlan), so the resumed run trains on exactly the rows the first one would have.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import logging
 import math
@@ -184,6 +188,7 @@ class TrainSpec:
     fingerprint: str
     api_start_token: int | None
     probe_ids: list[int]
+    export_dtype: str = "float32"  # the Hugging Face folder each checkpoint carries (hf/)
     fail_at_step: int | None = None
 
 
@@ -213,6 +218,16 @@ def _forward_logits(engine, batch: dict, device):
     ids = torch.from_numpy(batch["input_ids"]).to(device)
     attention = torch.from_numpy(batch["attention_mask"]).to(device)
     return ids, engine(input_ids=ids, attention_mask=attention, use_cache=False).logits
+
+
+def _all_reduce_max(values: list[float], device) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
 
 
 def evaluate_dev(engine, dev: Packed, micro: int, rank: int, world: int, device, api_start_token: int | None) -> dict:
@@ -258,6 +273,121 @@ def probe_logits(engine, probe_ids: list[int], device):
     return logits
 
 
+def param_elements(model) -> tuple[int, int]:
+    """(parameter elements this rank holds, elements of the whole model). A parameter partitioned by ZeRO-3's
+    zero.Init has an empty `data` and holds its share in `ds_tensor`; `ds_numel` is its full size."""
+    held = full = 0
+    for p in model.parameters():
+        part = getattr(p, "ds_tensor", None)
+        held += p.data.numel() + (part.numel() if part is not None else 0)
+        full += getattr(p, "ds_numel", p.numel())
+    return held, full
+
+
+def verify_checkpoint(ckpt_dir: str | Path, fingerprint: str) -> int:
+    """Refuse a checkpoint before any of it is unpickled, and return its step.
+
+    DeepSpeed loads its shards with torch.load(weights_only=False), which runs whatever code a file names, so
+    loading means trusting the folder. What can be checked first, from plain files: state.json (JSON) names
+    this run's fingerprint, `latest` names that step's tag (DeepSpeed joins it into a path), and no file or
+    folder is a link, writable by other users, or owned by a user other than this one (or root). This stops
+    a checkpoint of another run and a tampered shared folder; it cannot stop someone who can write as this
+    user (docs/finetune.md: resuming from a folder means trusting it)."""
+    root = Path(ckpt_dir)
+    me = os.getuid()
+    for path in [root, *root.rglob("*")]:
+        st = path.lstat()
+        if path.is_symlink():
+            raise FinetuneError(f"checkpoint {root}: {path.name} is a symbolic link; refusing to load it")
+        if st.st_uid not in (me, 0) or st.st_mode & 0o002:
+            raise FinetuneError(f"checkpoint {root}: {path.relative_to(root) if path != root else '.'} is "
+                                f"{'owned by uid %d' % st.st_uid if st.st_uid not in (me, 0) else 'world-writable'}"
+                                "; refusing to unpickle it (resuming means trusting the folder)")
+    try:
+        state = json.loads((root / "state.json").read_text())
+        step = int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FinetuneError(f"checkpoint {root}: no readable state.json ({e}); refusing to load it") from None
+    if state.get("fingerprint") != fingerprint:
+        raise FinetuneError(f"checkpoint {root} belongs to another run (fingerprint {state.get('fingerprint')!r}, "
+                            f"this run {fingerprint!r}); refusing to load it")
+    latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
+    if latest != f"step{step}":
+        raise FinetuneError(f"checkpoint {root}: 'latest' names {latest!r}, state.json step {step}")
+    return step
+
+
+def load_checkpoint_checked(engine, ckpt_dir: str | Path, fingerprint: str) -> int:
+    """verify_checkpoint, then DeepSpeed's load (weights, optimizer, lr schedule); returns the step."""
+    step = verify_checkpoint(ckpt_dir, fingerprint)
+    loaded, client = engine.load_checkpoint(str(ckpt_dir))
+    if loaded is None:
+        raise RuntimeError(f"could not load the DeepSpeed checkpoint in {ckpt_dir}")
+    if client.get("fingerprint") != fingerprint or int(client["step"]) != step:
+        raise RuntimeError(f"checkpoint {ckpt_dir}: its DeepSpeed client state disagrees with state.json")
+    return step
+
+
+def _gathered_state_dict(engine, zero_stage: int, rank: int):
+    """The engine's full weights on rank 0 (CPU tensors), None on the other ranks. Every rank must call it:
+    under ZeRO-3 the parameters are gathered one module at a time (collectives), so no rank ever holds the
+    whole model on its device; the copy builds up in rank 0's host memory."""
+    if zero_stage == 3:
+        # DeepSpeed's own gather (what save_16bit_model and HF Trainer use), without writing a .bin file
+        return engine._zero3_consolidated_16bit_state_dict()
+    if rank != 0:
+        return None
+    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+
+
+@contextlib.contextmanager
+def _hf_zero3_detached():
+    """transformers builds every model under zero.Init (a collective) while an HfDeepSpeedConfig is alive;
+    loading the exported folder on rank 0 alone must not."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
+
+
+def write_hf_export(state_dict: dict, model, base_model_dir: str | Path, out_dir: Path, dtype: str,
+                    probe: dict | None = None, compute_dtype: str = "float32") -> float | None:
+    """A plain Hugging Face folder (safetensors, config, generation config, tokenizer) from gathered weights,
+    loaded back to check it: the largest |logit difference| against the engine's own probe logits."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from toolformer_ray.models import load_tokenizer
+
+    base_model_dir = Path(base_model_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch_dtype = getattr(torch, dtype)
+    cast = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    model.save_pretrained(out_dir, state_dict=cast, safe_serialization=True)
+    config = AutoConfig.from_pretrained(base_model_dir)  # the base's (use_cache on: training turned it off)
+    config.dtype = dtype
+    config.save_pretrained(out_dir)
+    if (base_model_dir / "generation_config.json").is_file():
+        GenerationConfig.from_pretrained(base_model_dir).save_pretrained(out_dir)
+    load_tokenizer(base_model_dir).save_pretrained(out_dir)
+    for f in out_dir.iterdir():  # save_pretrained leaves the weights 0600; serving may run as another user
+        f.chmod(0o644)
+    del cast
+    if probe is None:
+        return None
+    with _hf_zero3_detached():
+        exported = AutoModelForCausalLM.from_pretrained(out_dir, dtype=getattr(torch, compute_dtype),
+                                                        use_safetensors=True)
+    exported.eval()
+    with torch.no_grad():
+        logits = exported(input_ids=probe["input_ids"][None].long()).logits[0].float()
+    return float((logits - probe["logits"]).abs().max())
+
+
 def _worker_model_dir(spec: TrainSpec) -> str:
     """The model directory on this worker's node: the driver's, or the same model resolved here."""
     if Path(spec.model_dir, "config.json").is_file():
@@ -279,6 +409,7 @@ def train_loop(config: dict) -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
 
     # Ray 2.60 logs every report (with its whole metrics dict) at INFO on a logger named by its file path,
     # outside "ray.train", so LoggingConfig does not quiet it; the controller's progress line says the same.
@@ -299,12 +430,22 @@ def train_loop(config: dict) -> None:
     ds_config = {**spec.ds_config, "bf16": {"enabled": bf16}}
 
     torch.manual_seed(spec.seed)
-    model = AutoModelForCausalLM.from_pretrained(_worker_model_dir(spec), dtype=torch.float32, use_safetensors=True)
+    zero_stage = int(ds_config["zero_optimization"]["stage"])
+    # ZeRO-3: while this object lives, from_pretrained builds the model under deepspeed.zero.Init, each
+    # parameter partitioned across the ranks as it is created (rank 0 reads the files and scatters them), so
+    # no rank ever materialises the whole model. It must outlive the engine (transformers keeps a weakref).
+    deepspeed.init_distributed()  # adopts Ray Train's process group; zero.Init sizes its partitions from it
+    hf_ds_config = HfDeepSpeedConfig(ds_config) if zero_stage == 3 else None  # noqa: F841 (kept alive)
+    base_dir = _worker_model_dir(spec)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, use_safetensors=True)
     model.config.use_cache = False
+    held, full = param_elements(model)
+    (held_max,) = _all_reduce_max([float(held)], device)
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    decay = [p for p in model.parameters() if p.ndim >= 2]  # no weight decay on norms and biases
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    # no weight decay on norms and biases (a zero.Init parameter keeps its real shape in ds_shape)
+    decay = [p for p in model.parameters() if len(getattr(p, "ds_shape", p.shape)) >= 2]
+    no_decay = [p for p in model.parameters() if len(getattr(p, "ds_shape", p.shape)) < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=spec.lr, betas=(0.9, 0.999), eps=1e-8, fused=spec.use_gpu or None)
@@ -317,12 +458,7 @@ def train_loop(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            loaded, client = engine.load_checkpoint(ckpt_dir)
-        if loaded is None:
-            raise RuntimeError(f"could not load the DeepSpeed checkpoint in {checkpoint.path}")
-        if client.get("fingerprint") != spec.fingerprint:
-            raise RuntimeError(f"checkpoint {checkpoint.path} belongs to another run (fingerprint mismatch)")
-        start_step = int(client["step"])
+            start_step = load_checkpoint_checked(engine, ckpt_dir, spec.fingerprint)
 
     n_rows = len(data.train)
     if start_step == 0 and len(data.dev):  # the base model's dev perplexity: the baseline to beat
@@ -361,6 +497,9 @@ def train_loop(config: dict) -> None:
             "epoch": done * plan.global_batch / n_rows,
             "start_step": start_step,  # > 0: this invocation resumed from a checkpoint at that step
             "bf16": bf16,
+            # the most parameter elements any rank held before deepspeed.initialize, and the model's
+            "rank_param_elements_max": int(held_max),
+            "model_param_elements": int(full),
         }
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
@@ -368,14 +507,23 @@ def train_loop(config: dict) -> None:
         if done % spec.checkpoint_every == 0 or done == spec.max_steps:
             metrics.update(evaluate_dev(engine, data.dev, plan.micro, rank, world, device, spec.api_start_token))
             logits = probe_logits(engine, spec.probe_ids, device)
+            compute_dtype = "bfloat16" if bf16 else "float32"
+            weights = _gathered_state_dict(engine, zero_stage, rank)  # collective under ZeRO-3
             with tempfile.TemporaryDirectory(prefix="ft-ckpt-") as tmp:
                 engine.save_checkpoint(tmp, tag=f"step{done}", client_state={"step": done, "fingerprint": spec.fingerprint})
                 if rank == 0:
-                    save_file({"input_ids": torch.tensor(spec.probe_ids), "logits": logits.contiguous()},
-                              os.path.join(tmp, "probe.safetensors"))
+                    probe = {"input_ids": torch.tensor(spec.probe_ids), "logits": logits.contiguous()}
+                    save_file(probe, os.path.join(tmp, "probe.safetensors"))
+                    # The Hugging Face folder, written here and uploaded with the checkpoint by this worker: the
+                    # export is a copy of the best one's hf/, so the driver never pulls weights or optimizer states.
+                    diff = write_hf_export(weights, engine.module, base_dir, Path(tmp, "hf"), spec.export_dtype,
+                                           probe, compute_dtype)
+                    metrics["export_max_abs_diff"] = diff
                     Path(tmp, "state.json").write_text(json.dumps(
                         {"step": done, "fingerprint": spec.fingerprint, "metrics": metrics,
-                         "compute_dtype": "bfloat16" if bf16 else "float32"}, indent=1))
+                         "compute_dtype": compute_dtype, "export_dtype": spec.export_dtype,
+                         "export_max_abs_diff": diff}, indent=1))
+                del weights
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"step_{done:06d}")
         elif done % spec.log_every == 0:
@@ -589,73 +737,34 @@ def plot_loss_curve(records: list[dict], png: str | Path, title: str = "fine-tun
     plt.close(fig)
 
 
-def export_checkpoint(checkpoint_dir: str | Path, base_model_dir: str | Path, out_dir: str | Path,
-                      dtype: str = "float32", metadata: dict | None = None) -> float | None:
-    """A DeepSpeed ZeRO-2/3 checkpoint -> a plain Hugging Face directory (safetensors + config + tokenizer).
-
-    The fp32 master weights are consolidated from all ranks' shards (deepspeed.utils.zero_to_fp32). Returns
-    the largest logit difference between the exported model and the checkpoint's own probe logits (computed
-    by the engine when it saved), or None if the checkpoint has no probe."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-    from transformers.utils import logging as hf_logging
-
-    from toolformer_ray.models import load_tokenizer
-
-    hf_logging.disable_progress_bar()
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    checkpoint_dir, base_model_dir, out_dir = Path(checkpoint_dir), Path(base_model_dir), Path(out_dir)
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir))  # prints and progress bars
-    config = AutoConfig.from_pretrained(base_model_dir)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    if set(missing) - tied or unexpected:
-        raise RuntimeError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
-    model.tie_weights()
-    if (base_model_dir / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(base_model_dir)
-    model.to(getattr(torch, dtype))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    load_tokenizer(base_model_dir).save_pretrained(out_dir)
-    (out_dir / "finetune.json").write_text(json.dumps(metadata or {}, indent=1, default=str))
-    for f in out_dir.iterdir():  # save_pretrained leaves the weights 0600; serving may run as another user
-        f.chmod(0o644)
-    del model, state
-
-    probe = checkpoint_dir / "probe.safetensors"
-    if not probe.is_file():
-        return None
-    from safetensors.torch import load_file
-
-    saved = load_file(str(probe))
-    compute = json.loads((checkpoint_dir / "state.json").read_text()).get("compute_dtype", "float32")
-    exported = AutoModelForCausalLM.from_pretrained(out_dir, dtype=getattr(torch, compute), use_safetensors=True)
-    exported.eval()
-    with torch.no_grad():
-        logits = exported(input_ids=saved["input_ids"][None].long()).logits[0].float()
-    return float((logits - saved["logits"]).abs().max())
-
-
-def _publish_dir(local_dir: Path, target: str) -> None:
-    """Put a finished local directory at `target` (local: rename over the old one; s3: upload)."""
+def publish_export(checkpoint_uri: str, target: str, metadata: dict) -> None:
+    """Copy a checkpoint's hf/ folder (written by rank 0 when it saved) to `target`, plus finetune.json.
+    Storage to storage: a server-side copy on S3, a file copy locally; the weights never pass through here."""
+    source = f"{checkpoint_uri.rstrip('/')}/hf"
+    meta = json.dumps(metadata, indent=1, default=str).encode()
     if _is_local(target):
-        dest = Path(_local_abs(target))
+        src, dest = Path(_local_abs(source)), Path(_local_abs(target))
+        if not (src / "config.json").is_file():
+            raise RuntimeError(f"{checkpoint_uri} has no hf/ export (a checkpoint of an older version?)")
+        staging = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(src, staging)
+        (staging / "finetune.json").write_bytes(meta)
+        (staging / "finetune.json").chmod(0o644)
         if dest.exists():
             shutil.rmtree(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(local_dir), dest)
-    else:
-        fs, root = _fs(target)
-        if fs.exists(root):
-            fs.rm(root, recursive=True)
-        fs.put(str(local_dir).rstrip("/") + "/", root + "/", recursive=True)
+        staging.rename(dest)
+        return
+    fs, src = _fs(source)
+    _, dest = _fs(target)
+    files = fs.find(src)
+    if f"{src}/config.json" not in files:
+        raise RuntimeError(f"{checkpoint_uri} has no hf/ export (a checkpoint of an older version?)")
+    if fs.exists(dest):
+        fs.rm(dest, recursive=True)
+    for f in files:
+        fs.copy(f, dest + f[len(src):])
+    fs.pipe_file(f"{dest}/finetune.json", meta)
 
 
 def run_finetune(cfg: Config) -> FinetuneResult:
@@ -715,7 +824,7 @@ def run_finetune(cfg: Config) -> FinetuneResult:
         weight_decay=ft.weight_decay, max_steps=ft.max_steps, checkpoint_every=ft.checkpoint_every,
         log_every=ft.log_every, seed=cfg.run.seed, bf16=ft.bf16, gradient_checkpointing=ft.gradient_checkpointing,
         use_gpu=ft.use_gpu, cpus_per_worker=ft.cpus_per_worker, fingerprint=fingerprint,
-        api_start_token=start_ids[0] if start_ids else None, probe_ids=probe_ids,
+        api_start_token=start_ids[0] if start_ids else None, probe_ids=probe_ids, export_dtype=ft.export_dtype,
         fail_at_step=int(fail_at) if fail_at else None)
 
     import ray
@@ -776,15 +885,13 @@ def run_finetune(cfg: Config) -> FinetuneResult:
     if records:
         plot_loss_curve(records, png, title=f"fine-tuning {cfg.model.path} on {Path(data_uri).name}")
 
-    with tempfile.TemporaryDirectory(prefix="ft-export-") as tmp:
-        export_dir = Path(tmp) / "model"
-        with best.as_directory() as ckpt_dir:
-            diff = export_checkpoint(ckpt_dir, model_dir, export_dir, ft.export_dtype, metadata={
-                "base_model": str(model_dir), "base_model_revision": parts["model_revision"],
-                "checkpoint": best.path, "step": best_metrics["step"], "dev_ppl": best_metrics.get("dev_ppl"),
-                "fingerprint": fingerprint, "data": data_uri, "finetune": ft.model_dump(mode="json")})
-        model_uri = f"{output}/model"
-        _publish_dir(export_dir, model_uri)
+    best_uri = f"{output}/{CHECKPOINTS}/{Path(best.path).name}"
+    model_uri = f"{output}/model"
+    publish_export(best_uri, model_uri, metadata={
+        "base_model": str(model_dir), "base_model_revision": parts["model_revision"], "checkpoint": best.path,
+        "step": best_metrics["step"], "dev_ppl": best_metrics.get("dev_ppl"), "fingerprint": fingerprint,
+        "data": data_uri, "export_dtype": ft.export_dtype, "finetune": ft.model_dump(mode="json")})
+    diff = best_metrics.get("export_max_abs_diff")
     if not _is_local(output):
         for name in ("metrics.jsonl", "loss_curve.png"):
             if (log_dir / name).is_file():
