@@ -1,10 +1,14 @@
 """Static checks of everything that is deployed but cannot run here (no Kubernetes, no Docker engine, no
 cloud): the Ray cluster launcher YAML (Ray's own schema), the KubeRay manifests, the CronJob fallback, the
 Dockerfile and its ignore file, configs/cluster.yaml. Every YAML parses; required fields are present;
-entrypoints name modules that exist; config paths resolve; versions and images agree across files."""
+entrypoints name modules that exist; config paths resolve; versions and images agree across files; every pod
+fits the node type it is pinned to (about 90 % of its allocatable); the GPU group holds the LM actors and the
+fine-tuning workers the config asks for; RayJob deadlines, retries and clean-up are what the comments say;
+the image's torch is built for its base's CUDA."""
 from __future__ import annotations
 
 import copy
+import json
 import fnmatch
 import importlib.util
 import re
@@ -24,6 +28,24 @@ from toolformer_ray.config import load_config  # noqa: E402
 KUBERAY = ROOT / "cluster" / "kuberay"
 IMAGE_HOME = "/home/ray/toolformer-ray"  # the checkout's place in the image (docker/Dockerfile)
 DAY = 24 * 3600
+INSTANCE_TYPE = "node.kubernetes.io/instance-type"
+# Allocatable as EKS reports it on the node types the manifests pin (capacity less the kubelet's and the
+# system's reserves and the eviction threshold, rounded down); docs/operating.md has the same table.
+NODES = {
+    "m6i.2xlarge": {"cpu": 7.9, "memory_gib": 29.9, "gpu": 0},  # 8 vCPU / 32 GiB: the head
+    "m6i.4xlarge": {"cpu": 15.8, "memory_gib": 59.5, "gpu": 0},  # 16 vCPU / 64 GiB: tool pools
+    "p4d.24xlarge": {"cpu": 95.6, "memory_gib": 1100.0, "gpu": 8},  # 96 vCPU / 1152 GiB / 8x A100 40 GB
+}
+REQUEST_SHARE = (0.85, 0.95)  # of the node's allocatable: about 90 %, the rest for DaemonSets
+# NVIDIA driver floor of each CUDA toolkit (CUDA release notes, Linux x86_64)
+DRIVER_FLOOR = {"cu121": "530.30.02", "cu124": "550.54.14", "cu126": "560.28.03", "cu128": "570.26",
+                "cu130": "580.65.06"}
+# RayJobSpec of KubeRay 1.6 (its CRD reference): any other key would be pruned without a word
+RAYJOB_FIELDS = {
+    "activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
+    "clusterSelector", "submitterConfig", "managedBy", "deletionStrategy", "entrypoint", "runtimeEnvYAML",
+    "jobId", "submissionMode", "entrypointResources", "entrypointNumCpus", "entrypointNumGpus",
+    "ttlSecondsAfterFinished", "preRunningDeadlineSeconds", "shutdownAfterJobFinishes", "suspend"}
 
 
 def load(path: Path) -> dict:
@@ -49,6 +71,19 @@ def project() -> dict:
 
 def module_exists(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
+
+
+def cpu_quantity(q) -> float:
+    q = str(q)
+    return float(q[:-1]) / 1000 if q.endswith("m") else float(q)
+
+
+def memory_gib(q: str) -> float:
+    units = {"Ki": 2**-20, "Mi": 2**-10, "Gi": 1.0, "Ti": 2**10}
+    for suffix, factor in units.items():
+        if q.endswith(suffix):
+            return float(q[:-2]) * factor
+    raise AssertionError(f"memory {q!r}: use Ki/Mi/Gi/Ti")
 
 
 def local_path(path: str) -> Path:
@@ -98,7 +133,11 @@ def test_cluster_launcher_yaml_passes_rays_schema():
     types = raw["available_node_types"]
     assert raw["head_node_type"] in types and types[raw["head_node_type"]]["resources"] == {"CPU": 0}
     workers = {k: v for k, v in types.items() if k != raw["head_node_type"]}
-    assert any(v["node_config"]["InstanceType"].startswith(("g", "p")) for v in workers.values())  # GPU nodes
+    gpu_types = {v["node_config"]["InstanceType"] for v in workers.values()
+                 if v["node_config"]["InstanceType"].startswith(("g", "p"))}
+    # the same GPU node shape as the KubeRay manifests (configs/cluster.yaml is sized for it)
+    kuberay_gpu = gpu_group()[0]["template"]["spec"]["nodeSelector"][INSTANCE_TYPE]
+    assert gpu_types == {kuberay_gpu}
     for v in workers.values():
         assert 0 <= v["min_workers"] <= v["max_workers"] <= raw["max_workers"]
     assert "--num-cpus=0" in " ".join(raw["head_start_ray_commands"])
@@ -135,7 +174,6 @@ def test_ray_cluster_specs_are_complete_and_identical():
     assert set(groups) == {"gpu-workers", "cpu-workers"}
     for g in groups.values():
         assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
-    assert groups["gpu-workers"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     for template in [head["template"]] + [g["template"] for g in groups.values()]:
         (container,) = template["spec"]["containers"]
         assert container["image"] == the_image()
@@ -144,6 +182,106 @@ def test_ray_cluster_specs_are_complete_and_identical():
         assert {"secretRef": {"name": "toolformer-s3", "optional": True}} in container["envFrom"]
     sa = load(KUBERAY / "serviceaccount.yaml")
     assert sa["kind"] == "ServiceAccount" and sa["metadata"]["name"] == "toolformer-ray"
+
+
+def pod_templates(spec: dict) -> dict[str, dict]:
+    return {"head": spec["headGroupSpec"]["template"],
+            **{g["groupName"]: g["template"] for g in spec["workerGroupSpecs"]}}
+
+
+@pytest.mark.parametrize("name", list(cluster_specs()))
+def test_every_pod_asks_for_about_90_percent_of_the_node_it_is_pinned_to(name):
+    """A pod larger than its node's allocatable stays Pending forever; one far smaller wastes the node."""
+    for group, template in pod_templates(cluster_specs()[name]).items():
+        node_type = template["spec"]["nodeSelector"][INSTANCE_TYPE]
+        node = NODES[node_type]
+        (container,) = template["spec"]["containers"]
+        req = container["resources"]["requests"]
+        cpu, mem = cpu_quantity(req["cpu"]), memory_gib(req["memory"])
+        lo, hi = REQUEST_SHARE
+        assert lo * node["cpu"] <= cpu <= hi * node["cpu"], f"{name} {group}: {cpu} CPU on {node_type}"
+        assert lo * node["memory_gib"] <= mem <= hi * node["memory_gib"], f"{name} {group}: {mem} GiB"
+        gpus = int(req.get("nvidia.com/gpu", 0))
+        assert gpus == node["gpu"], f"{name} {group}: {gpus} of the {node['gpu']} GPUs of a {node_type}"
+        if gpus:
+            tolerated = {t["key"] for t in template["spec"].get("tolerations", [])}
+            assert "nvidia.com/gpu" in tolerated, f"{name} {group}: GPU nodes are tainted"
+        for vol in template["spec"].get("volumes", []):  # a memory emptyDir counts in the pod's memory
+            if vol.get("emptyDir", {}).get("medium") == "Memory":
+                assert memory_gib(vol["emptyDir"]["sizeLimit"]) < mem / 4, f"{name} {group}: /dev/shm"
+
+
+def gpu_group() -> tuple[dict, int, float]:
+    """(the GPU worker group, GPUs per pod, CPUs per pod)."""
+    (group,) = [g for g in cluster_specs()["raycluster.yaml"]["workerGroupSpecs"]
+                if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+    res = group["template"]["spec"]["containers"][0]["resources"]
+    assert res["limits"] == res["requests"]
+    return group, int(res["limits"]["nvidia.com/gpu"]), cpu_quantity(res["limits"]["cpu"])
+
+
+def test_the_gpu_group_holds_the_lm_actors_and_the_finetune_workers():
+    """configs/cluster.yaml against the GPU nodes: a multi-GPU node, the LM actors filling whole nodes with
+    the CPUs they ask for, ZeRO-3 fine-tuning over NCCL with one worker per GPU on whole nodes."""
+    cfg = load_config(ROOT / "configs" / "cluster.yaml")
+    group, gpus, cpus = gpu_group()
+    assert gpus >= 4, "the fine-tuning path is sized for multi-GPU nodes"
+    nodes = group["maxReplicas"]
+    ray_cfg = cfg.ray
+    assert 0 < ray_cfg.lm_actor_gpus <= 1 and (1 / ray_cfg.lm_actor_gpus).is_integer()
+    per_node = int(gpus / ray_cfg.lm_actor_gpus)  # actors one node holds by GPUs
+    assert ray_cfg.lm_actors % per_node == 0 and ray_cfg.lm_actors <= per_node * nodes, (
+        f"{ray_cfg.lm_actors} LM actors x {ray_cfg.lm_actor_gpus} GPU on nodes of {gpus} GPUs (max {nodes})")
+    assert per_node * ray_cfg.lm_actor_cpus <= cpus, "the actors' CPUs do not fit beside their GPUs"
+    ft = cfg.finetune
+    assert ft.use_gpu  # Ray Train's torch backend is NCCL on GPUs
+    stage = json.loads((ROOT / ft.deepspeed_config).read_text())["zero_optimization"]["stage"]
+    assert stage == 3
+    assert ft.num_workers % gpus == 0 and ft.num_workers <= gpus * nodes, (
+        f"{ft.num_workers} fine-tuning workers on nodes of {gpus} GPUs (max {nodes}): whole nodes only")
+    assert gpus * ft.cpus_per_worker <= cpus, "the fine-tuning workers' CPUs do not fit on one node"
+    if cfg.nightly.eval_gpus:
+        assert cfg.nightly.eval_gpus <= gpus and cfg.nightly.eval_cpus <= cpus
+    (cpu_group,) = [g for g in cluster_specs()["raycluster.yaml"]["workerGroupSpecs"] if g["groupName"] != group["groupName"]]
+    cpu_pod = cpu_quantity(cpu_group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+    tools = [t for t in cfg.tools.values() if t.enabled]
+    assert all(t.worker_cpus <= cpu_pod for t in tools)
+    assert sum(t.workers * t.worker_cpus for t in tools) <= cpu_pod * cpu_group["maxReplicas"]
+
+
+def check_deletion_rules(spec: dict) -> None:
+    """KubeRay 1.6's validation of deletionStrategy.deletionRules (it fails the RayJob otherwise), and that
+    every terminal outcome deletes the cluster and, later, the RayJob itself."""
+    rules = spec["deletionStrategy"]["deletionRules"]
+    # rules exclude the older clean-up fields
+    assert not spec.get("shutdownAfterJobFinishes") and not spec.get("ttlSecondsAfterFinished")
+    by_condition: dict[tuple, dict] = {}
+    for rule in rules:
+        cond = rule["condition"]
+        keys = {"jobStatus", "jobDeploymentStatus"} & set(cond)
+        assert len(keys) == 1, rule
+        (key,) = keys
+        assert cond[key] in ({"SUCCEEDED", "FAILED"} if key == "jobStatus" else {"Failed"}), rule
+        assert cond.get("ttlSeconds", 0) >= 0
+        policy = rule["policy"]
+        assert policy in {"DeleteCluster", "DeleteWorkers", "DeleteSelf", "DeleteNone"}
+        assert not (policy == "DeleteWorkers" and spec["rayClusterSpec"].get("enableInTreeAutoscaling"))
+        ttls = by_condition.setdefault((key, cond[key]), {})
+        assert policy not in ttls, f"duplicate {policy} for {cond}"
+        ttls[policy] = cond.get("ttlSeconds", 0)
+    for condition, ttls in by_condition.items():
+        order = [ttls[p] for p in ("DeleteWorkers", "DeleteCluster", "DeleteSelf") if p in ttls]
+        assert order == sorted(order), f"{condition}: Workers <= Cluster <= Self TTLs"
+    for outcome in [("jobStatus", "SUCCEEDED"), ("jobStatus", "FAILED"), ("jobDeploymentStatus", "Failed")]:
+        ttls = by_condition.get(outcome, {})
+        assert {"DeleteCluster", "DeleteSelf"} <= set(ttls), f"{outcome}: the cluster and the RayJob must go"
+        assert ttls["DeleteCluster"] <= 3600 and ttls["DeleteSelf"] <= 14 * DAY
+
+
+def worst_case_seconds(spec: dict) -> int:
+    """KubeRay restarts activeDeadlineSeconds with each attempt (a fresh cluster), and does not retry an
+    attempt that ran out of time: a RayJob lasts at most (backoffLimit + 1) x activeDeadlineSeconds."""
+    return (spec["backoffLimit"] + 1) * spec["activeDeadlineSeconds"]
 
 
 @pytest.mark.parametrize("path,module", [
@@ -158,8 +296,14 @@ def test_rayjobs_run_existing_modules_on_resolvable_configs_and_are_bounded(path
     assert found == module
     assert cfg.run.output.startswith("s3://") and cfg.corpus.input.startswith("s3://")  # a retry = a fresh cluster
     assert (ROOT / cfg.finetune.deepspeed_config).is_file()  # resolves next to the package in the image
-    assert spec["shutdownAfterJobFinishes"] is True and spec["backoffLimit"] >= 1
-    assert 0 < spec["activeDeadlineSeconds"] <= (DAY / 2 if module == "jobs.nightly" else DAY)
+    assert set(spec) <= RAYJOB_FIELDS, f"not RayJob fields: {set(spec) - RAYJOB_FIELDS}"
+    assert spec["backoffLimit"] >= 1
+    assert 0 < spec["activeDeadlineSeconds"] <= DAY / 2
+    # a cluster that cannot start (no node, image pull) fails the attempt long before the deadline
+    assert 0 < spec["preRunningDeadlineSeconds"] <= spec["activeDeadlineSeconds"] / 4
+    if module == "jobs.nightly":  # a night, retries included, ends before the next one starts
+        assert worst_case_seconds(spec) < DAY
+    check_deletion_rules(spec)
     env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert isinstance(env, dict) and not any(k.startswith("AWS_") for k in env.get("env_vars", {}))
 
@@ -176,8 +320,8 @@ def test_raycronjob_schedules_the_nightly_rayjob():
     assert len(fields) == 5 and all(CRON_FIELD.match(f) for f in fields)
     nightly = load(KUBERAY / "nightly-cronjob" / "rayjob-nightly.yaml")["spec"]
     assert spec["jobTemplate"] == nightly
-    # once a day, and a night (retries included) ends long before the next one starts
-    assert fields[2:] == ["*", "*", "*"] and spec["jobTemplate"]["activeDeadlineSeconds"] < DAY
+    # once a day, and a night (retries included) ends before the next one starts
+    assert fields[2:] == ["*", "*", "*"] and worst_case_seconds(spec["jobTemplate"]) < DAY
 
 
 def test_cronjob_fallback_creates_the_rayjob_and_forbids_overlap():
@@ -194,8 +338,9 @@ def test_cronjob_fallback_creates_the_rayjob_and_forbids_overlap():
     assert spec["schedule"] == load(KUBERAY / "raycronjob-nightly.yaml")["spec"]["schedule"]
     job = spec["jobTemplate"]["spec"]
     rayjob = load(kdir / "rayjob-nightly.yaml")
-    # the launcher outlives its RayJob's deadline (so Forbid covers the whole night) and is itself bounded
-    assert rayjob["spec"]["activeDeadlineSeconds"] < job["activeDeadlineSeconds"] < DAY
+    # the launcher outlives its RayJob, every attempt included (so Forbid covers the whole night), and is
+    # itself bounded
+    assert worst_case_seconds(rayjob["spec"]) < job["activeDeadlineSeconds"] < DAY
     pod = job["template"]["spec"]
     assert pod["restartPolicy"] == "Never" and pod["serviceAccountName"] == docs["ServiceAccount"]["metadata"]["name"]
     (container,) = pod["containers"]
@@ -274,13 +419,29 @@ def ignored(path: str, patterns: list[str]) -> bool:
 
 def test_dockerfile_is_based_on_the_pinned_ray_with_cuda_and_python():
     (base,) = re.findall(r"^ARG RAY_IMAGE=(\S+)$", dockerfile(), flags=re.M)
-    m = re.fullmatch(r"rayproject/ray:(?P<ray>[\d.]+)-py(?P<py>\d+)-(?P<cuda>gpu|cu\d+)", base)
+    # a fixed CUDA (cuXYZ), not the `-gpu` alias, which moves between Ray releases
+    m = re.fullmatch(r"rayproject/ray:(?P<ray>[\d.]+)-py(?P<py>\d+)-(?P<cuda>cu\d+)", base)
     assert m, base
     assert m["ray"] == pins()["ray"]
     req = project()["requires-python"]  # ">=3.11,<3.12"
     major, minor = m["py"][0], int(m["py"][1:])
     assert f">={major}.{minor}" in req and f"<{major}.{minor + 1}" in req
     assert re.search(r"^FROM \$\{RAY_IMAGE\}$", dockerfile(), flags=re.M)
+
+
+def test_torch_is_built_for_the_base_images_cuda_and_the_driver_floor_is_written_down():
+    text = dockerfile()
+    (cuda,) = re.findall(r"^ARG RAY_IMAGE=rayproject/ray:[\d.]+-py\d+-(cu\d+)$", text, flags=re.M)
+    torch_pins = re.findall(r"torch==([\d.]+)\+(cu\d+)", text)
+    assert torch_pins == [(pins()["torch"], cuda)], torch_pins  # constraints' torch, the base's CUDA
+    indexes = re.findall(r"--index-url https://download\.pytorch\.org/whl/(cu\d+)", text)
+    assert indexes == [cuda]
+    # the build itself compares torch's CUDA with the base's (CUDA_VERSION of NVIDIA's images)
+    assert "torch.version.cuda == base" in text and "os.environ['CUDA_VERSION']" in text
+    floor = DRIVER_FLOOR[cuda]
+    assert f"driver >= {floor}" in text
+    assert f"driver >= {floor}" in (ROOT / "cluster" / "ray-cluster.aws.yaml").read_text()
+    assert f"driver >= {floor}" in (ROOT / "docs" / "operating.md").read_text()
 
 
 def test_dockerfile_pins_agree_with_constraints_and_makefile():
