@@ -242,7 +242,8 @@ def test_the_gpu_group_holds_the_lm_actors_and_the_finetune_workers():
     assert gpus * ft.cpus_per_worker <= cpus, "the fine-tuning workers' CPUs do not fit on one node"
     if cfg.nightly.eval_gpus:
         assert cfg.nightly.eval_gpus <= gpus and cfg.nightly.eval_cpus <= cpus
-    (cpu_group,) = [g for g in cluster_specs()["raycluster.yaml"]["workerGroupSpecs"] if g["groupName"] != group["groupName"]]
+    (cpu_group,) = [g for g in cluster_specs()["raycluster.yaml"]["workerGroupSpecs"]
+                    if g["groupName"] != group["groupName"]]
     cpu_pod = cpu_quantity(cpu_group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
     tools = [t for t in cfg.tools.values() if t.enabled]
     assert all(t.worker_cpus <= cpu_pod for t in tools)

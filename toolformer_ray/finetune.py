@@ -15,7 +15,8 @@
 
 Output folder (`finetune.output`, local or s3://):
     run.json            the run's fingerprint (data digest, model, hyper-parameters): what resuming needs
-    checkpoints/        Ray Train storage: step_000010/ ... (DeepSpeed shards, probe.safetensors, state.json, hf/)
+    checkpoints/        Ray Train storage: step_000010/ ... (DeepSpeed shards, probe.safetensors,
+                        state.json, hf/: the Hugging Face folder of the weights at that step)
     model/              the exported best model (safetensors, config, tokenizer, finetune.json)
     metrics.jsonl       one line per logged step; tensorboard/ the same as TensorBoard events
     loss_curve.png
@@ -23,7 +24,8 @@ Output folder (`finetune.output`, local or s3://):
 Resuming: Ray Train restores its checkpoint list from `checkpoints/`; the workers load the latest DeepSpeed
 checkpoint (weights, optimizer, lr schedule) and continue at its step. DeepSpeed unpickles the shards, which
 can run code: verify_checkpoint checks the plain-JSON state.json (this run's fingerprint), `latest` and the
-files' owners first; resuming from a folder still means trusting whoever can write to it. The rows of step s are a function of
+files' owners first; resuming from a folder still means trusting whoever can write to it.
+The rows of step s are a function of
 (seed, s) only (finetune_data.BatchPlan), so the resumed run trains on exactly the rows the first one would have.
 """
 from __future__ import annotations
@@ -297,20 +299,20 @@ def verify_checkpoint(ckpt_dir: str | Path, fingerprint: str) -> int:
     me = os.getuid()
     for path in [root, *root.rglob("*")]:
         st = path.lstat()
-        if path.is_symlink():
-            raise FinetuneError(f"checkpoint {root}: {path.name} is a symbolic link; refusing to load it")
-        if st.st_uid not in (me, 0) or st.st_mode & 0o002:
-            raise FinetuneError(f"checkpoint {root}: {path.relative_to(root) if path != root else '.'} is "
-                                f"{'owned by uid %d' % st.st_uid if st.st_uid not in (me, 0) else 'world-writable'}"
-                                "; refusing to unpickle it (resuming means trusting the folder)")
+        problem = ("a symbolic link" if path.is_symlink() else
+                   f"owned by uid {st.st_uid}" if st.st_uid not in (me, 0) else
+                   "world-writable" if st.st_mode & 0o002 else None)
+        if problem:
+            raise FinetuneError(f"checkpoint {root}: {path.relative_to(root)} is {problem}; refusing to "
+                                "unpickle it (resuming from a folder means trusting it)")
     try:
         state = json.loads((root / "state.json").read_text())
         step = int(state["step"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise FinetuneError(f"checkpoint {root}: no readable state.json ({e}); refusing to load it") from None
     if state.get("fingerprint") != fingerprint:
-        raise FinetuneError(f"checkpoint {root} belongs to another run (fingerprint {state.get('fingerprint')!r}, "
-                            f"this run {fingerprint!r}); refusing to load it")
+        raise FinetuneError(f"checkpoint {root} belongs to another run (fingerprint "
+                            f"{state.get('fingerprint')!r}, this run {fingerprint!r}); refusing to load it")
     latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
     if latest != f"step{step}":
         raise FinetuneError(f"checkpoint {root}: 'latest' names {latest!r}, state.json step {step}")
@@ -514,10 +516,11 @@ def train_loop(config: dict) -> None:
                 if rank == 0:
                     probe = {"input_ids": torch.tensor(spec.probe_ids), "logits": logits.contiguous()}
                     save_file(probe, os.path.join(tmp, "probe.safetensors"))
-                    # The Hugging Face folder, written here and uploaded with the checkpoint by this worker: the
-                    # export is a copy of the best one's hf/, so the driver never pulls weights or optimizer states.
-                    diff = write_hf_export(weights, engine.module, base_dir, Path(tmp, "hf"), spec.export_dtype,
-                                           probe, compute_dtype)
+                    # The Hugging Face folder, written here and uploaded with the checkpoint by this
+                    # worker: the export is a copy of the best one's hf/, so the driver never pulls
+                    # weights or optimizer states.
+                    diff = write_hf_export(weights, engine.module, base_dir, Path(tmp, "hf"),
+                                           spec.export_dtype, probe, compute_dtype)
                     metrics["export_max_abs_diff"] = diff
                     Path(tmp, "state.json").write_text(json.dumps(
                         {"step": done, "fingerprint": spec.fingerprint, "metrics": metrics,
@@ -824,7 +827,8 @@ def run_finetune(cfg: Config) -> FinetuneResult:
         weight_decay=ft.weight_decay, max_steps=ft.max_steps, checkpoint_every=ft.checkpoint_every,
         log_every=ft.log_every, seed=cfg.run.seed, bf16=ft.bf16, gradient_checkpointing=ft.gradient_checkpointing,
         use_gpu=ft.use_gpu, cpus_per_worker=ft.cpus_per_worker, fingerprint=fingerprint,
-        api_start_token=start_ids[0] if start_ids else None, probe_ids=probe_ids, export_dtype=ft.export_dtype,
+        api_start_token=start_ids[0] if start_ids else None, probe_ids=probe_ids,
+        export_dtype=ft.export_dtype,
         fail_at_step=int(fail_at) if fail_at else None)
 
     import ray
