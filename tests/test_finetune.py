@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -22,8 +23,9 @@ from transformers import AutoModelForCausalLM
 
 from toolformer_ray.api_text import ApiCall, Markers, insert_calls, render
 from toolformer_ray.config import load_config
-from toolformer_ray.finetune import FAIL_AT_STEP_ENV, load_metrics, run_finetune
-from toolformer_ray.models import resolve_model_dir
+from toolformer_ray.finetune import FAIL_AT_STEP_ENV, load_metrics, run_finetune, token_nll
+from toolformer_ray.finetune_data import gather_rows, prepare_data, read_documents
+from toolformer_ray.models import load_tokenizer, resolve_model_dir
 
 pytestmark = pytest.mark.slow
 
@@ -73,6 +75,25 @@ def ft_config(data: str, output: str, stage: int, **overrides):
         **{f"finetune.{k}": v for k, v in overrides.items()},
     }
     return load_config(None, [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in values.items()])
+
+
+def plain_dev_loss(corpus: str, cfg, dtype) -> float:
+    """The base model's dev loss with calls disabled, computed as evaluate_dev does but without DeepSpeed."""
+    ft = cfg.finetune
+    model_dir = resolve_model_dir("tiny")
+    tokenizer = load_tokenizer(model_dir)
+    markers = Markers()
+    data = prepare_data(read_documents(corpus), tokenizer, markers=markers, max_length=ft.max_length,
+                        original_text_ratio=ft.original_text_ratio, mask_tool_results=ft.mask_tool_results,
+                        dev_fraction=ft.dev_fraction, dev_max_sequences=ft.dev_max_sequences, seed=cfg.run.seed)
+    batch = gather_rows(data.dev, np.arange(len(data.dev)))
+    ids = torch.from_numpy(batch["input_ids"])
+    start = tokenizer(markers.start, add_special_tokens=False).input_ids[0]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.from_numpy(batch["attention_mask"])).logits
+    nll, mask = token_nll(logits, ids, torch.from_numpy(batch["loss_mask"]), start)
+    return float((nll * mask).sum() / mask.sum())
 
 
 def probe_matches(model_dir: Path, checkpoint_dir: Path, atol: float) -> None:
@@ -149,6 +170,12 @@ def test_zero3_never_holds_the_whole_model_on_a_rank(ray_session, corpus, s3_end
     for r in trained:
         full, held = r["model_param_elements"], r["rank_param_elements_max"]
         assert 0 < held <= full / 2 + 1024, (held, full)  # 2 ranks; padding is < world size per tensor
+    # ... and built that way it still starts from the base model's weights: the engine's step-0 dev loss is
+    # the plain model's on the same dev rows
+    base = next(r for r in records if r["step"] == 0)
+    compute = json.loads(fs.cat_file(f"{root}/checkpoints/step_000003/state.json"))["compute_dtype"]
+    expected = plain_dev_loss(corpus, cfg, getattr(torch, compute))
+    assert base["dev_loss"] == pytest.approx(expected, rel=1e-4 if compute == "float32" else 2e-2)
 
     assert result.steps == 3 and result.resumed_from is None
     assert result.data_stats["masked_result_tokens"] > 0 and result.data_stats["train_original_texts"] > 0
