@@ -434,8 +434,9 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(spec.seed)
     zero_stage = int(ds_config["zero_optimization"]["stage"])
     # ZeRO-3: while this object lives, from_pretrained builds the model under deepspeed.zero.Init, each
-    # parameter partitioned across the ranks as it is created (rank 0 reads the files and scatters them), so
-    # no rank ever materialises the whole model. It must outlive the engine (transformers keeps a weakref).
+    # parameter partitioned across the ranks as it is created (rank 0 reads the files into host memory and
+    # scatters them layer by layer), so no rank holds the whole model as parameters. It must outlive the
+    # engine (transformers keeps only a weakref).
     deepspeed.init_distributed()  # adopts Ray Train's process group; zero.Init sizes its partitions from it
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero_stage == 3 else None  # noqa: F841 (kept alive)
     base_dir = _worker_model_dir(spec)
