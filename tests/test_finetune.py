@@ -85,7 +85,8 @@ def plain_dev_loss(corpus: str, cfg, dtype) -> float:
     markers = Markers()
     data = prepare_data(read_documents(corpus), tokenizer, markers=markers, max_length=ft.max_length,
                         original_text_ratio=ft.original_text_ratio, mask_tool_results=ft.mask_tool_results,
-                        dev_fraction=ft.dev_fraction, dev_max_sequences=ft.dev_max_sequences, seed=cfg.run.seed)
+                        dev_fraction=ft.dev_fraction, dev_max_sequences=ft.dev_max_sequences,
+                        seed=cfg.run.seed)
     batch = gather_rows(data.dev, np.arange(len(data.dev)))
     ids = torch.from_numpy(batch["input_ids"])
     start = tokenizer(markers.start, add_special_tokens=False).input_ids[0]
