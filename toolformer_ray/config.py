@@ -64,12 +64,19 @@ class CorpusConfig(Section):
     url_field: str | None = "url"
     max_doc_tokens: int = Field(256, gt=8)  # longer records are split at sentence boundaries
     max_record_chars: int = Field(1_000_000, gt=0)  # longer records are quarantined
+    # Bounds on hostile input. A record (line, paragraph, row) of more raw bytes is quarantined unparsed,
+    # keeping only a prefix, its length and sha256 (None: 4 x max_record_chars + 64 KiB); a compressed file
+    # is decompressed up to max_decompressed_bytes, the rest quarantined with the reason. Not hashed: they
+    # decide only whether a pathological record is read, never what a normal record gives.
+    max_record_bytes: int | None = Field(None, gt=0)
+    max_decompressed_bytes: int = Field(2**30, gt=0)
     limit: int | None = Field(None, gt=0)  # first N documents (quick runs)
     # Parquet files larger than this are read as one shard per row group. Shard ids (and so the `shard`
     # column) depend on it, so it is hashed: changing it starts a new output version instead of
     # redoing the same rows under new shard ids.
     parquet_split_bytes: int = Field(128 * 2**20, gt=0)
-    not_hashed: ClassVar[frozenset[str]] = frozenset({"input", "limit"})
+    not_hashed: ClassVar[frozenset[str]] = frozenset(
+        {"input", "limit", "max_record_bytes", "max_decompressed_bytes"})
 
 
 class SamplingConfig(Section):
