@@ -672,8 +672,10 @@ def read_shard(shard: Shard, corpus_cfg, tokenizer, max_docs: int | None = None,
 # --------------------------------------------------------------------------------------- splitting
 
 # Gaps between sentences: whitespace after . ! ? … (optionally closed by a quote or bracket), after a CJK
-# full stop, or around a line break. Gaps are whitespace only, so no visible text is lost at a cut.
-_SENTENCE_GAP = re.compile(r"(?:(?<=[.!?…])|(?<=[.!?…][\"'”’)\]]))\s+|(?<=[。！？])\s*|\s*\n\s*")
+# full stop, or at a line break. Gaps are whitespace only, so no visible text is lost at a cut. (Not
+# "\s*\n": tried at every position of a long run of spaces, that is quadratic; the whitespace before a line
+# break is stripped from the span instead.)
+_SENTENCE_GAP = re.compile(r"(?:(?<=[.!?…])|(?<=[.!?…][\"'”’)\]]))\s+|(?<=[。！？])\s*|\n\s*")
 
 
 def _sentence_spans(text: str) -> list[tuple[int, int]]:
@@ -749,13 +751,19 @@ def _split_tokens(text: str, a: int, b: int, starts: list[int], tokenizer, max_t
     pos = a
     while pos < b:
         k = bisect.bisect_right(cuts, pos)  # first cut after pos
-        n = max_tokens
+        # The most cuts whose span holds at most max_tokens of the whole text's tokens: a character of
+        # several byte tokens is one cut, so counting cuts alone would overshoot and shrink one at a time
+        # (re-encoding the piece each time: ~max_tokens encodes per character for CJK).
+        lo = bisect.bisect_left(starts, pos)
+        n = max(1, bisect.bisect_right(cuts, starts[lo + max_tokens]) - k if lo + max_tokens < len(starts)
+                else len(cuts) - k + 1)
         while True:
             end = cuts[k + n - 1] if k + n - 1 < len(cuts) else b
             pa_, pb_ = _strip_span(text, pos, end)
-            if pa_ >= pb_ or _n_tokens(tokenizer, text[pa_:pb_]) <= max_tokens or n == 1:
+            excess = _n_tokens(tokenizer, text[pa_:pb_]) - max_tokens if pa_ < pb_ else 0
+            if excess <= 0 or n == 1:
                 break
-            n -= 1
+            n = max(1, min(n - 1, n - excess))  # each cut holds at least one token: drop the excess at once
         if pa_ < pb_:
             pieces.append(text[pa_:pb_])
         pos = end
