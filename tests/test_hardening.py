@@ -236,3 +236,29 @@ def test_s3_without_credentials_is_one_line_exit_2(tmp_path):
                            str(tmp_path / "idx")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: no S3 credentials"), proc.stderr
     assert proc.stderr.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------ storage names (item 7)
+
+def test_remote_index_names_cannot_escape_the_cache(s3_endpoint, tmp_path):
+    from toolformer_ray.tools.search_index import SearchIndexError, build_index, fetch_index
+
+    passages = tmp_path / "p.jsonl"
+    passages.write_text(lines_of([{"id": "1", "title": "T", "text": "Some passage text."}]).decode())
+    uri = s3_endpoint.uri("idx")
+    build_index(str(passages), uri)
+    fs = s3_endpoint.fs()
+    meta_key = f"{s3_endpoint.bucket}/idx/meta.json"
+    meta = json.loads(fs.cat_file(meta_key))
+    cache = tmp_path / "cache" / "indexes"
+    for bad in ("x/../../escaped", "../escaped", "/tmp/escaped", 7):
+        fs.pipe_file(meta_key, json.dumps({**meta, "build_id": bad}).encode())
+        with pytest.raises(SearchIndexError, match="invalid build_id"):
+            fetch_index(uri, str(cache))
+    assert sorted(p.name for p in tmp_path.rglob("*escaped*")) == []
+    fs.pipe_file(meta_key, json.dumps(meta).encode())
+    fs.pipe_file(f"{s3_endpoint.bucket}/idx/a/..", b"x")  # a key that is a traversal as a local path
+    with pytest.raises(SearchIndexError, match="unsafe file name 'a/..'"):
+        fetch_index(uri, str(cache))
+    fs.rm_file(f"{s3_endpoint.bucket}/idx/a/..")
+    assert (fetch_index(uri, str(cache)) / "meta.json").is_file()
