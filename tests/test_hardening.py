@@ -8,16 +8,20 @@ import json
 import logging
 import subprocess
 import sys
+import threading
+import time
 import tracemalloc
 from pathlib import Path
 
 import pytest
 
 from toolformer_ray import cli, corpus
-from toolformer_ray.config import ConfigError, CorpusConfig, load_config
+from toolformer_ray.config import ConfigError, CorpusConfig, ToolConfig, load_config
 from toolformer_ray.corpus import doc_id_for, list_shards, read_shard, split_text
 from toolformer_ray.models import load_tokenizer, resolve_model_dir
+from toolformer_ray.tools.base import Tool
 from toolformer_ray.tools.calculator import Calculator
+from toolformer_ray.tools.pool import LocalToolExecutor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -262,3 +266,69 @@ def test_remote_index_names_cannot_escape_the_cache(s3_endpoint, tmp_path):
         fetch_index(uri, str(cache))
     fs.rm_file(f"{s3_endpoint.bucket}/idx/a/..")
     assert (fetch_index(uri, str(cache)) / "meta.json").is_file()
+
+
+# ------------------------------------------------------------------------------------ --no-ray faults (items 3, 4)
+
+@pytest.mark.slow
+def test_no_ray_isolates_failed_shards_and_exits_1(monkeypatch, capsys, tmp_path):
+    from toolformer_ray import generate
+
+    inp = tmp_path / "corpus"
+    inp.mkdir()
+    for name in ("a", "b", "c"):
+        (inp / f"{name}.jsonl").write_bytes(lines_of(
+            [{"id": f"{name}{i}", "text": f"Shard {name} line {i}: 3 + {i} = {3 + i}."} for i in range(3)]))
+    real_read, real_sample = generate._timed_read, generate.LMWorker.sample
+
+    def read(shard, *args):
+        if shard.name == "a.jsonl":
+            raise OSError("disk went away")
+        return real_read(shard, *args)
+
+    def sample(self, docs):
+        if any(d.source_id.startswith("b") for d in docs):
+            raise RuntimeError("model fell over")
+        return real_sample(self, docs)
+
+    monkeypatch.setattr(generate, "_timed_read", read)
+    monkeypatch.setattr(generate.LMWorker, "sample", sample)
+    argv = ["generate", "--no-ray", "-i", str(inp), "-s", "model.path=tiny", "-s", "model.dtype=float32",
+            "-s", "tools={Calculator: {k: 2, m: 2}}", "-s", "ray.torch_threads=1", "-s", "sampling.max_call_tokens=4"]
+    code, err = run_main(monkeypatch, capsys, *argv, "-o", str(tmp_path / "out"))
+    assert code == 1, err
+    assert "OSError: disk went away" in err and "RuntimeError: model fell over" in err
+    assert "2 shard(s) failed" in err
+    version = next(p for p in (tmp_path / "out").iterdir() if p.is_dir())
+    manifest = json.loads((version / "manifest.json").read_text())
+    assert manifest["counts"]["shards_done"] == 1 and len(manifest["runs"][-1]["shards_failed"]) == 2
+    # the faults gone, a rerun does exactly the two failed shards and exits 0
+    monkeypatch.setattr(generate, "_timed_read", real_read)
+    monkeypatch.setattr(generate.LMWorker, "sample", real_sample)
+    code, err = run_main(monkeypatch, capsys, *argv, "-o", str(tmp_path / "out"))
+    assert code == 0, err
+    manifest = json.loads((version / "manifest.json").read_text())
+    assert manifest["counts"]["shards_done"] == 3 and manifest["runs"][-1]["shards_failed"] == {}
+
+
+# ------------------------------------------------------------------------------------ hung tools (item 9)
+
+class Spin(Tool):
+    """Test tool (not registered): "spin" loops forever in Python, anything else echoes."""
+    name = "Spin"
+
+    def run(self, inputs, dates=None):
+        for inp in inputs:
+            while inp == "spin":
+                pass
+        return [f"ok:{inp}" for inp in inputs]
+
+
+def test_local_hung_tool_thread_is_stopped_not_left_spinning():
+    ex = LocalToolExecutor({"Spin": ToolConfig(timeout_s=0.2, batch_size=4)}, tool_classes={"Spin": Spin})
+    assert ex.run("Spin", ["a", "spin", "b"]) == ["ok:a", None, "ok:b"]
+    assert ex.stats()["Spin"]["timeouts"] == 1
+    deadline = time.monotonic() + 5
+    while any(t.name == "tool-Spin" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [t for t in threading.enumerate() if t.name == "tool-Spin"], "abandoned tool threads still run"
