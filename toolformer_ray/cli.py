@@ -54,10 +54,11 @@ def generate(
 
     summary = run_generate(cfg, use_ray=not no_ray)
     typer.echo(summary.describe())
-    if summary.shards_failed:
+    if not summary.ok:
         # A failed shard is not committed: a rerun retries it. The summary's FAILED lines say which.
-        typer.secho(f"error: {len(summary.shards_failed)} shard(s) failed (listed above); run again to "
-                    "retry them", fg=typer.colors.RED, err=True)
+        what = f"{len(summary.shards_failed)} shard(s) failed" if summary.shards_failed else "the run did not finish"
+        typer.secho(f"error: {what} (FAILED lines above); run the same command again to retry",
+                    fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
 
 

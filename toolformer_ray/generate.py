@@ -215,6 +215,12 @@ class GenerateSummary:
     seconds: float
     report: str | None
     manifest: str
+    errors: list[str] = field(default_factory=list)  # run-level failures (the manifest could not be written)
+
+    @property
+    def ok(self) -> bool:
+        """Everything planned is done: no failed shard, manifest and report written."""
+        return not self.shards_failed and not self.errors
 
     def describe(self) -> str:
         kept = ", ".join(f"{t}: {n}" for t, n in self.calls_kept.items()) or "none"
@@ -230,6 +236,7 @@ class GenerateSummary:
             lines.append(f"report:   {self.report}")
         for sid, err in self.shards_failed.items():
             lines.append(f"FAILED {sid}: {err}")
+        lines += [f"FAILED {err}" for err in self.errors]
         return "\n".join(lines)
 
 
@@ -385,17 +392,22 @@ def run_generate(cfg: Config, use_ray: bool = True, progress: bool = True) -> Ge
                 "shards_processed": sum(w.error is None for w in works), "shards_failed": failed,
                 "write_seconds": round(sum(w.timings["write"] for w in works), 3),
                 "tool_stats": tool_stats, "limit": cfg.corpus.limit}
-    manifest = build_manifest(store, config=cfg.model_dump(mode="json"), model=model,
-                              inputs={"uri": cfg.corpus.input, "format": cfg.corpus.format,
-                                      "shards": len(shards), "limit": cfg.corpus.limit},
-                              planned=[p.to_dict() for p in plans], run=run_info)
-    manifest["config_hash_covers"] = cfg.hashed_dict()
-    store.write_manifest(manifest)
-    store.remove_uncommitted()
-    report = None
-    if store.committed_units():
-        report = report_from_store(store, {t: c.tau_f for t, c in tools_cfg.items()}, cfg.filtering.report_tau_f,
-                                   {t: c.tau_s for t, c in tools_cfg.items()})
+    report, errors = None, []
+    try:
+        manifest = build_manifest(store, config=cfg.model_dump(mode="json"), model=model,
+                                  inputs={"uri": cfg.corpus.input, "format": cfg.corpus.format,
+                                          "shards": len(shards), "limit": cfg.corpus.limit},
+                                  planned=[p.to_dict() for p in plans], run=run_info)
+        manifest["config_hash_covers"] = cfg.hashed_dict()
+        store.write_manifest(manifest)
+        store.remove_uncommitted()
+        if store.committed_units():
+            report = report_from_store(store, {t: c.tau_f for t, c in tools_cfg.items()},
+                                       cfg.filtering.report_tau_f, {t: c.tau_s for t, c in tools_cfg.items()})
+    except Exception as e:  # noqa: BLE001 - storage gone at the end: committed shards stay; a rerun redoes this
+        first = (str(e).strip().splitlines() or [""])[0]
+        errors.append(f"manifest/report not written: {type(e).__name__}: {first}")
+        print(f"[generate] {errors[-1]}", file=sys.stderr)
     kept = Counter()
     for w in works:
         for tool, counts in w.funnel.items():
@@ -405,7 +417,7 @@ def run_generate(cfg: Config, use_ray: bool = True, progress: bool = True) -> Ge
         shards_skipped=len(plans) - len(todo), shards_done=sum(w.error is None for w in works),
         shards_failed=failed, documents=sum(len(w.docs or []) for w in works),
         quarantined=sum(len(w.quarantine) for w in works), calls_kept=dict(kept),
-        seconds=time.time() - started, report=report, manifest=store.uri("manifest.json"))
+        seconds=time.time() - started, report=report, manifest=store.uri("manifest.json"), errors=errors)
 
 
 def _schedule(cfg, works: list[ShardWork], backend, executor, tokenizer, store, model, config_hash, quota,
