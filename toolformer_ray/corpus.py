@@ -12,8 +12,10 @@ Formats (by extension, or all files as `corpus.format`; .gz/.bz2/.xz/.zst compre
                                   would otherwise be one record over `max_record_chars`.
 
 Records that cannot be used go to the quarantine table with the reason and their raw bytes (bad JSON, not
-an object, no/empty/non-string text, invalid UTF-8, over-long, a bad id, duplicate text within the shard);
-nothing is dropped silently and nothing is fatal. Each record's text is split into documents of at most
+an object, no/empty/non-string text, invalid UTF-8, over-long, a bad id, duplicate text within the shard,
+any unforeseen error on that record); nothing is dropped silently and nothing is fatal. Input is streamed
+and bounded: a record over `max_record_bytes` keeps only a prefix plus its length and sha256, a compressed
+file is read up to `max_decompressed_bytes`, and a truncated archive keeps the records before the cut. Each record's text is split into documents of at most
 `max_doc_tokens` tokens, at sentence boundaries where possible, at token boundaries inside a longer sentence.
 """
 from __future__ import annotations
