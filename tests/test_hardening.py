@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import json
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -233,7 +234,7 @@ def test_usage_errors_are_one_line_exit_2(monkeypatch, capsys, argv, words):
 
 def test_s3_without_credentials_is_one_line_exit_2(tmp_path):
     # A fresh process: s3fs caches clients, and this one must find no credentials anywhere.
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("AWS_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(AWS_EC2_METADATA_DISABLED="true", AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
                AWS_CONFIG_FILE=str(tmp_path / "none"), HOME=str(tmp_path), PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-m", "toolformer_ray.cli", "index", "s3://no-bucket/p.jsonl",

@@ -27,10 +27,8 @@ import hashlib
 import io
 import json
 import logging
-import lzma
 import re
 import unicodedata
-import zlib
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
