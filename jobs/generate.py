@@ -4,7 +4,8 @@ manifest, report). Committed shards are skipped, so submitting it again resumes 
     ray job submit --address http://HEAD:8265 --working-dir . --runtime-env jobs/runtime_env.yaml \
         -- python -m jobs.generate --config configs/cluster.yaml
 
-Exit code 1 when a shard failed (the others are committed; submit again to retry the failed ones).
+Exit code 1 when a shard failed or the manifest could not be written (the others are committed; submit
+again to retry the failed ones).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = parse_config(argv, __doc__)
         summary = run_generate(cfg, use_ray=True)
         print(summary.describe(), flush=True)
-        return 1 if summary.shards_failed else 0
+        return 0 if summary.ok else 1  # a failed shard, or the manifest not written
 
     run_main(body)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import shutil
 
@@ -165,7 +166,9 @@ def test_over_long_raw_line_is_not_parsed(tmp_path, tok):
     path.write_text(big + "\n")
     docs, quarantine = read_shard(list_shards(str(path))[0], CorpusConfig(max_record_chars=10), tok)
     assert docs == [] and quarantine[0]["reason"].startswith("over-long record:")
-    assert quarantine[0]["raw"] == big.encode()
+    # Beyond the raw bound only a prefix is kept, with the record's length and sha256 in the reason.
+    assert quarantine[0]["raw"] == big.encode()[:corpus.RAW_PREFIX_BYTES]
+    assert f"{len(big)} bytes, sha256 {hashlib.sha256(big.encode()).hexdigest()}" in quarantine[0]["reason"]
 
 
 def test_duplicate_text_is_quarantined_not_repeated(tmp_path, tok):
@@ -229,7 +232,7 @@ def test_text_paragraphs(tmp_path, tok):
 
 def test_unreadable_files_are_one_quarantine_row(tmp_path, tok):
     good = gzip.compress(b'{"text": "Fine."}\n' * 50)
-    (tmp_path / "cut.jsonl.gz").write_bytes(good[: len(good) // 2])  # a truncated archive
+    (tmp_path / "cut.jsonl.gz").write_bytes(good[:8])  # cut inside the gzip header: nothing decodes
     (tmp_path / "fake.parquet").write_bytes(b"this is not parquet")
     shards = list_shards(str(tmp_path), parquet_split_bytes=1)
     rows = []
@@ -237,9 +240,9 @@ def test_unreadable_files_are_one_quarantine_row(tmp_path, tok):
         docs, quarantine = read_shard(shard, CorpusConfig(), tok)
         assert docs == []
         rows += quarantine
-    assert [(q["source_id"], q["raw"]) for q in rows] == [("cut.jsonl.gz", good[: len(good) // 2]),
+    assert [(q["source_id"], q["raw"]) for q in rows] == [("cut.jsonl.gz", good[:8]),
                                                           ("fake.parquet", b"this is not parquet")]
-    assert rows[0]["reason"].startswith("unreadable compressed file: EOFError")
+    assert rows[0]["reason"].startswith("unreadable compressed file: truncated or corrupt compressed file")
     assert rows[1]["reason"].startswith("unreadable Parquet file:")
 
 

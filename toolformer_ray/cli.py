@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+# typer 0.29 vendors click and raises its exceptions, which it does not re-export (only BadParameter).
+from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
 from toolformer_ray.config import Config, load_config
 from toolformer_ray.errors import UserError
@@ -52,6 +54,12 @@ def generate(
 
     summary = run_generate(cfg, use_ray=not no_ray)
     typer.echo(summary.describe())
+    if not summary.ok:
+        # A failed shard is not committed: a rerun retries it. The summary's FAILED lines say which.
+        what = f"{len(summary.shards_failed)} shard(s) failed" if summary.shards_failed else "the run did not finish"
+        typer.secho(f"error: {what} (FAILED lines above); run the same command again to retry",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -245,13 +253,38 @@ def main() -> None:
         sys.exit(e.exit_code)
     except typer.Abort:
         sys.exit(130)
-    except Exception as e:  # click usage errors carry their own exit code and message
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
+    except NoArgsIsHelpError as e:  # bare `toolformer-ray`: the help is what was asked for
+        e.show()
+        sys.exit(0)
+    except UsageError as e:  # unknown option or command, bad value, missing argument
+        where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        _fail_plain(_one_line(e.format_message()) + where)
+    except ClickException as e:
+        _fail_plain(_one_line(e.format_message()))
+    except Exception as e:
+        if _no_credentials(e):
+            _fail_plain("no S3 credentials found: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
+                        "or run where the node has an instance role")
         raise
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+def _no_credentials(error: BaseException) -> bool:
+    """botocore's NoCredentialsError, raised directly or as the cause of an fsspec/s3fs error."""
+    try:
+        from botocore.exceptions import NoCredentialsError
+    except ImportError:
+        return False
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, NoCredentialsError):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _fail_plain(message: str) -> None:

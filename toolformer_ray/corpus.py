@@ -12,8 +12,10 @@ Formats (by extension, or all files as `corpus.format`; .gz/.bz2/.xz/.zst compre
                                   would otherwise be one record over `max_record_chars`.
 
 Records that cannot be used go to the quarantine table with the reason and their raw bytes (bad JSON, not
-an object, no/empty/non-string text, invalid UTF-8, over-long, a bad id, duplicate text within the shard);
-nothing is dropped silently and nothing is fatal. Each record's text is split into documents of at most
+an object, no/empty/non-string text, invalid UTF-8, over-long, a bad id, duplicate text within the shard,
+any unforeseen error on that record); nothing is dropped silently and nothing is fatal. Input is streamed
+and bounded: a record over `max_record_bytes` keeps only a prefix plus its length and sha256, a compressed
+file is read up to `max_decompressed_bytes`, and a truncated archive keeps the records before the cut. Each record's text is split into documents of at most
 `max_doc_tokens` tokens, at sentence boundaries where possible, at token boundaries inside a longer sentence.
 """
 from __future__ import annotations
@@ -25,10 +27,8 @@ import hashlib
 import io
 import json
 import logging
-import lzma
 import re
 import unicodedata
-import zlib
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
@@ -148,18 +148,23 @@ def list_shards(uri: str, fmt: str = "auto", storage_options: dict | None = None
 
     if fs.isdir(root):
         infos = fs.find(root, detail=True)
-        entries = []
+        entries, hidden = [], []
         for path in sorted(infos):
             if infos[path].get("type") == "directory":
                 continue
             rel = path[len(root):].lstrip("/")
             if _hidden(rel):
+                hidden.append(rel)
                 continue
             file_fmt = _detect_format(path, fmt)
             if file_fmt is None:
                 log.warning("corpus: skipping %s (unknown extension; set corpus.format to read it)", path)
                 continue
             entries.append((path, rel, file_fmt, infos[path]))
+        if hidden:  # said once, so a data file that happens to start with "_" or "." is not a mystery
+            log.warning("corpus: skipping %d file(s) whose path has a part starting with '.' or '_' "
+                        "(not data by convention): %s", len(hidden),
+                        ", ".join(hidden[:5]) + (", ..." if len(hidden) > 5 else ""))
         if not entries:
             raise CorpusError(f"no corpus files (.jsonl, .parquet, .txt, optionally compressed) under {uri}")
     else:
@@ -230,9 +235,45 @@ def plan_shards(shards: list[Shard], corpus_cfg, tokenizer, limit: int | None = 
 @dataclass
 class _Record:
     locator: str  # "<file>:<line>" or "<file>:<row>"
-    raw: bytes  # the record's bytes, kept whole for the quarantine table
+    raw: bytes  # the record's bytes for the quarantine table (whole, or a prefix beyond the raw bound)
     fields: dict | None  # parsed record, or None when `error` says why not
     error: str | None = None
+
+
+RAW_PREFIX_BYTES = 65536  # what quarantine keeps of a record or file over the raw bound
+_BOM = b"\xef\xbb\xbf"
+
+
+class _Raw:
+    """A record's bytes as they stream in: whole up to `limit`, beyond it only the first RAW_PREFIX_BYTES,
+    the length and the sha256, so a hostile multi-GB line costs neither memory nor a huge quarantine row."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.buf = bytearray()
+        self.length = 0
+        self.sha = None  # set once over the limit
+
+    def add(self, data) -> None:
+        data = memoryview(data)
+        self.length += len(data)
+        if self.sha is None:
+            room = self.limit + 1 - len(self.buf)
+            self.buf += data[:room]
+            if len(self.buf) <= self.limit:
+                return
+            self.sha = hashlib.sha256(self.buf)
+            self.sha.update(data[room:])
+            del self.buf[RAW_PREFIX_BYTES:]
+        else:
+            self.sha.update(data)
+
+    @property
+    def over(self) -> bool:
+        return self.sha is not None
+
+    def note(self) -> str:
+        return f"{self.length} bytes, sha256 {self.sha.hexdigest()}; only the first {len(self.buf)} kept"
 
 
 def _json_default(value: Any) -> Any:
@@ -254,29 +295,87 @@ def _read_bytes(shard: Shard, storage_options: dict | None) -> bytes:
     return data
 
 
-def _decompress(data: bytes, uri: str) -> bytes:
-    compression = infer_compression(uri)
-    if not compression:
-        return data
-    with fsspec.compression.compr[compression](io.BytesIO(data)) as f:
-        return f.read()
+class _Decoded:
+    """The file's decompressed bytes in chunks, at most `max_bytes` of them (a decompression bomb stops
+    there). A truncated or corrupt archive ends early: `error` then says why and `total` how far it got."""
+
+    def __init__(self, data: bytes, uri: str, max_bytes: int):
+        self.data, self.uri, self.max_bytes = data, uri, max_bytes
+        self.error: str | None = None
+        self.total = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        compression = infer_compression(self.uri)
+        if not compression:
+            self.total = len(self.data)
+            yield self.data
+            return
+        try:
+            with fsspec.compression.compr[compression](io.BytesIO(self.data)) as f:
+                # read1: one decoder step at a time, so a cut archive still yields all it decoded
+                # (read(n) loses the partial chunk in which the error is raised).
+                read = getattr(f, "read1", f.read)
+                while chunk := read(1 << 20):
+                    if self.total + len(chunk) > self.max_bytes:
+                        yield chunk[:self.max_bytes - self.total]
+                        self.total = self.max_bytes
+                        self.error = (f"decompresses to more than corpus.max_decompressed_bytes="
+                                      f"{self.max_bytes}; the rest of the file is not read")
+                        return
+                    self.total += len(chunk)
+                    yield chunk
+        except Exception as e:  # noqa: BLE001 - any decoder's error: the archive is cut or corrupt here
+            self.error = (f"truncated or corrupt compressed file after {self.total} decompressed bytes: "
+                          f"{type(e).__name__}: {e}")
 
 
-def _unreadable(shard: Shard, data: bytes, max_raw: int, what: str, err: Exception) -> _Record:
-    # A file that cannot be decoded at all is one quarantine row (its bytes, if not huge), not a crash.
-    return _Record(shard.name, data if len(data) <= max_raw else b"", None,
-                   f"unreadable {what}: {type(err).__name__}: {err}")
+def _lines(chunks, max_raw: int) -> Iterator[tuple[int, _Raw, bool]]:
+    """(line number, the line's bytes without "\\n", whether a "\\n" ended it) over streamed chunks.
+    A UTF-8 byte-order mark at the start of the file is dropped (editors on Windows write one)."""
+    line_no, cur, first = 1, _Raw(max_raw), True
+    for chunk in chunks:
+        start = 0
+        if first:
+            first = False
+            start = 3 if chunk[:3] == _BOM else 0
+        mv = memoryview(chunk)
+        while (nl := chunk.find(b"\n", start)) >= 0:
+            cur.add(mv[start:nl])
+            yield line_no, cur, True
+            line_no, cur, start = line_no + 1, _Raw(max_raw), nl + 1
+        cur.add(mv[start:])
+    if cur.length:
+        yield line_no, cur, False
 
 
-def _jsonl_records(data: bytes, shard: Shard, max_raw: int) -> Iterator[_Record]:
-    for line_no, line in enumerate(data.split(b"\n"), 1):
-        line = line.rstrip(b"\r")
+def _unreadable(shard: Shard, data: bytes, max_raw: int, what: str, err: Exception | str) -> _Record:
+    # A file that cannot be decoded at all is one quarantine row (its bytes, or a prefix), not a crash.
+    raw = _Raw(max_raw)
+    raw.add(data)
+    reason = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
+    note = f" ({raw.note()})" if raw.over else ""
+    return _Record(shard.name, bytes(raw.buf), None, f"unreadable {what}: {reason}{note}")
+
+
+def _cut_off(shard: Shard, decoded: _Decoded, line_no: int, partial: _Raw | None) -> _Record:
+    """The quarantine row for where a truncated/bombed archive stopped: the cut record's bytes, if any."""
+    raw = b"" if partial is None else bytes(partial.buf)
+    return _Record(f"{shard.name}:{line_no}", raw, None, decoded.error)
+
+
+def _jsonl_records(decoded: _Decoded, shard: Shard, max_raw: int) -> Iterator[_Record]:
+    line_no = 0
+    for line_no, raw, ended in _lines(decoded, max_raw):
+        locator = f"{shard.name}:{line_no}"
+        if raw.over:
+            yield _Record(locator, bytes(raw.buf), None, f"over-long record: {raw.note()}")
+            continue
+        if not ended and decoded.error:
+            yield _cut_off(shard, decoded, line_no, raw)
+            return
+        line = bytes(raw.buf).rstrip(b"\r")
         if not line.strip():
             continue  # blank lines carry no record
-        locator = f"{shard.name}:{line_no}"
-        if len(line) > max_raw:
-            yield _Record(locator, line, None, f"over-long record: {len(line)} bytes")
-            continue
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -287,36 +386,64 @@ def _jsonl_records(data: bytes, shard: Shard, max_raw: int) -> Iterator[_Record]
         except json.JSONDecodeError as e:
             yield _Record(locator, line, None, f"bad JSON: {e.msg} at column {e.colno}")
             continue
+        except (ValueError, RecursionError) as e:  # an integer of > 4300 digits, nesting too deep
+            yield _Record(locator, line, None, f"bad JSON: {type(e).__name__}: {_first_line(e)}")
+            continue
         if not isinstance(obj, dict):
             yield _Record(locator, line, None, f"record is a JSON {type(obj).__name__}, expected an object")
             continue
         yield _Record(locator, line, obj)
+    if decoded.error:
+        yield _cut_off(shard, decoded, line_no + 1, None)
 
 
-def _text_records(data: bytes, shard: Shard, max_raw: int) -> Iterator[_Record]:
-    def emit(start_line: int, lines: list[bytes]) -> _Record:
-        raw = b"\n".join(lines)
-        locator = f"{shard.name}:{start_line}"
-        if len(raw) > max_raw:
-            return _Record(locator, raw, None, f"over-long record: {len(raw)} bytes")
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _text_records(decoded: _Decoded, shard: Shard, max_raw: int) -> Iterator[_Record]:
+    para: _Raw | None = None  # the paragraph being read
+    long_line = None  # (line number, note) of an over-long line in it: its bytes are not all kept
+    start = line_no = 0
+
+    def emit() -> _Record:
+        locator = f"{shard.name}:{start}"
+        if long_line is not None:
+            return _Record(locator, bytes(para.buf[:RAW_PREFIX_BYTES]), None,
+                           f"over-long record: line {long_line[0]} alone is {long_line[1]}")
+        if para.over:
+            return _Record(locator, bytes(para.buf), None, f"over-long record: {para.note()}")
+        raw = bytes(para.buf)
         try:
             return _Record(locator, raw, {"text": raw.decode("utf-8")})
         except UnicodeDecodeError as e:
             return _Record(locator, raw, None, f"invalid UTF-8 at byte {e.start}")
 
-    lines: list[bytes] = []
-    start = 0
-    for line_no, line in enumerate(data.split(b"\n"), 1):
-        line = line.rstrip(b"\r")
-        if line.strip():
-            if not lines:
-                start = line_no
-            lines.append(line)
-        elif lines:
-            yield emit(start, lines)
-            lines = []
-    if lines:
-        yield emit(start, lines)
+    for line_no, raw, ended in _lines(decoded, max_raw):
+        line = bytes(raw.buf).rstrip(b"\r")
+        if not ended and decoded.error:
+            if para is not None:  # the paragraph the archive cut: quarantined with the reason
+                para.add(b"\n")
+                para.add(line)
+                raw = para
+            yield _cut_off(shard, decoded, start if para is not None else line_no, raw)
+            return
+        if raw.over or line.strip():
+            if para is None:
+                para, start, long_line = _Raw(max_raw), line_no, None
+            else:
+                para.add(b"\n")
+            para.add(line)
+            if raw.over and long_line is None:
+                long_line = (line_no, raw.note())
+        elif para is not None:
+            yield emit()
+            para = None
+    if para is not None:
+        yield emit()
+    if decoded.error:
+        yield _cut_off(shard, decoded, line_no + 1, None)
 
 
 def _parquet_records(shard: Shard, storage_options: dict | None, max_raw: int) -> Iterator[_Record]:
@@ -353,26 +480,39 @@ def _parquet_records(shard: Shard, storage_options: dict | None, max_raw: int) -
                     row[name] = row[name].decode("utf-8")
                 except UnicodeDecodeError as e:
                     error = error or f"invalid UTF-8 in field {name!r} at byte {e.start}"
-            raw = json.dumps(row, default=_json_default, ensure_ascii=False).encode("utf-8", "surrogatepass")
+            try:
+                raw = json.dumps(row, default=_json_default, ensure_ascii=False).encode("utf-8", "surrogatepass")
+            except (ValueError, RecursionError) as e:  # a value nested too deep to write out
+                raw, error = b"", error or f"unwritable row: {type(e).__name__}: {_first_line(e)}"
             yield _Record(locator, raw, None if error else row, error)
 
 
 def _records(shard: Shard, corpus_cfg, storage_options: dict | None) -> Iterator[_Record]:
-    # Raw-size guard: a record's text is at most max_record_chars characters, i.e. <= 4 bytes each,
-    # plus room for the other fields; anything bigger is not parsed at all.
-    max_raw = 4 * corpus_cfg.max_record_chars + 65536
+    max_raw = max_record_bytes(corpus_cfg)
     if shard.fmt == "parquet":
         yield from _parquet_records(shard, storage_options, max_raw)
         return
     if shard.fmt not in ("jsonl", "text"):
         raise CorpusError(f"unknown shard format {shard.fmt!r}")
     raw = _read_bytes(shard, storage_options)
-    try:
-        data = _decompress(raw, shard.uri)
-    except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError) as e:  # a truncated or corrupt archive
-        yield _unreadable(shard, raw, max_raw, "compressed file", e)
+    decoded = _Decoded(raw, shard.uri, corpus_cfg.max_decompressed_bytes)
+    records = (_jsonl_records if shard.fmt == "jsonl" else _text_records)(decoded, shard, max_raw)
+    first = next(records, None)
+    if first is not None and decoded.error and decoded.total == 0:
+        # Nothing decoded at all (not an archive, or cut in its header): the file is one quarantine row.
+        yield _unreadable(shard, raw, max_raw, "compressed file", decoded.error)
         return
-    yield from (_jsonl_records if shard.fmt == "jsonl" else _text_records)(data, shard, max_raw)
+    if first is not None:
+        yield first
+        yield from records
+
+
+def max_record_bytes(corpus_cfg) -> int:
+    """Raw-size guard: a record's text is at most max_record_chars characters, i.e. <= 4 bytes each, plus
+    room for the other fields; anything bigger is not parsed at all (corpus.max_record_bytes overrides)."""
+    if corpus_cfg.max_record_bytes is not None:
+        return corpus_cfg.max_record_bytes
+    return 4 * corpus_cfg.max_record_chars + 65536
 
 
 # ------------------------------------------------------------------------------------ fields -> documents
@@ -459,11 +599,40 @@ def _meta(fields: dict, corpus_cfg, text_field: str) -> dict:
     return json.loads(json.dumps(meta, default=_json_default, ensure_ascii=False))
 
 
+@dataclass
+class _Rejected:
+    reason: str
+
+
+def _document_fields(rec: _Record, shard: Shard, corpus_cfg, text_field: str, tokenizer):
+    """(text, source_id, meta, date, pieces) of a parsed record, or (_Rejected(reason), source_id, ...)."""
+    is_text = shard.fmt == "text"  # a paragraph: no id, date or other fields
+    text, source_id, error = _check_fields(
+        rec.fields, rec.locator, text_field, None if is_text else corpus_cfg.id_field, corpus_cfg.max_record_chars)
+    if error is not None:
+        return _Rejected(error), source_id, None, None, None
+    meta, date = {}, None
+    if not is_text:
+        try:
+            meta = _meta(rec.fields, corpus_cfg, text_field)
+            json.dumps(meta, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return _Rejected("a field is not valid Unicode (lone surrogate escape)"), source_id, None, None, None
+        if corpus_cfg.date_field:
+            date = parse_date(rec.fields.get(corpus_cfg.date_field))
+        if date is None and corpus_cfg.url_field:
+            date = date_from_url(rec.fields.get(corpus_cfg.url_field))
+    return text, source_id, meta, date, split_text(text, tokenizer, corpus_cfg.max_doc_tokens)
+
+
 def read_shard(shard: Shard, corpus_cfg, tokenizer, max_docs: int | None = None,
                storage_options: dict | None = None) -> tuple[list[Document], list[dict]]:
     """The shard's documents (in record order; at most `max_docs`) and its quarantine rows
     (schema.QUARANTINE_SCHEMA) for the records read. A document whose text already occurred in the shard
-    is quarantined as a duplicate (same doc_id), so doc_id is unique within a shard."""
+    is quarantined as a duplicate (same doc_id), so doc_id is unique within a shard. Across shards it is
+    not: the same text in two files is a document of each shard, with the same doc_id (a shard's rows
+    depend only on its own bytes, so shards can be done, skipped and resumed independently; consumers that
+    need one row per text de-duplicate on doc_id). Any failure on one record quarantines that record."""
     docs: list[Document] = []
     quarantine: list[dict] = []
     first_source: dict[str, str] = {}
@@ -478,26 +647,15 @@ def read_shard(shard: Shard, corpus_cfg, tokenizer, max_docs: int | None = None,
         if rec.error is not None:
             reject(rec.locator, rec.error, rec.raw)
             continue
-        is_text = shard.fmt == "text"  # a paragraph: no id, date or other fields
-        text, source_id, error = _check_fields(
-            rec.fields, rec.locator, text_field, None if is_text else corpus_cfg.id_field,
-            corpus_cfg.max_record_chars)
-        if error is not None:
-            reject(source_id, error, rec.raw)
+        try:
+            text, source_id, meta, date, pieces = _document_fields(rec, shard, corpus_cfg, text_field, tokenizer)
+        except Exception as e:  # noqa: BLE001 - one odd record must not sink its shard
+            reject(rec.locator, f"record could not be read: {type(e).__name__}: {_first_line(e)}", rec.raw)
             continue
-        meta, date = {}, None
-        if not is_text:
-            try:
-                meta = _meta(rec.fields, corpus_cfg, text_field)
-                json.dumps(meta, ensure_ascii=False).encode("utf-8")
-            except UnicodeEncodeError:
-                reject(source_id, "a field is not valid Unicode (lone surrogate escape)", rec.raw)
-                continue
-            if corpus_cfg.date_field:
-                date = parse_date(rec.fields.get(corpus_cfg.date_field))
-            if date is None and corpus_cfg.url_field:
-                date = date_from_url(rec.fields.get(corpus_cfg.url_field))
-        for piece in split_text(text, tokenizer, corpus_cfg.max_doc_tokens):
+        if isinstance(text, _Rejected):
+            reject(source_id, text.reason, rec.raw)
+            continue
+        for piece in pieces:
             if max_docs is not None and len(docs) >= max_docs:
                 break
             doc_id = doc_id_for(piece)
@@ -514,8 +672,10 @@ def read_shard(shard: Shard, corpus_cfg, tokenizer, max_docs: int | None = None,
 # --------------------------------------------------------------------------------------- splitting
 
 # Gaps between sentences: whitespace after . ! ? … (optionally closed by a quote or bracket), after a CJK
-# full stop, or around a line break. Gaps are whitespace only, so no visible text is lost at a cut.
-_SENTENCE_GAP = re.compile(r"(?:(?<=[.!?…])|(?<=[.!?…][\"'”’)\]]))\s+|(?<=[。！？])\s*|\s*\n\s*")
+# full stop, or at a line break. Gaps are whitespace only, so no visible text is lost at a cut. (Not
+# "\s*\n": tried at every position of a long run of spaces, that is quadratic; the whitespace before a line
+# break is stripped from the span instead.)
+_SENTENCE_GAP = re.compile(r"(?:(?<=[.!?…])|(?<=[.!?…][\"'”’)\]]))\s+|(?<=[。！？])\s*|\n\s*")
 
 
 def _sentence_spans(text: str) -> list[tuple[int, int]]:
@@ -591,13 +751,19 @@ def _split_tokens(text: str, a: int, b: int, starts: list[int], tokenizer, max_t
     pos = a
     while pos < b:
         k = bisect.bisect_right(cuts, pos)  # first cut after pos
-        n = max_tokens
+        # The most cuts whose span holds at most max_tokens of the whole text's tokens: a character of
+        # several byte tokens is one cut, so counting cuts alone would overshoot and shrink one at a time
+        # (re-encoding the piece each time: ~max_tokens encodes per character for CJK).
+        lo = bisect.bisect_left(starts, pos)
+        n = max(1, bisect.bisect_right(cuts, starts[lo + max_tokens]) - k if lo + max_tokens < len(starts)
+                else len(cuts) - k + 1)
         while True:
             end = cuts[k + n - 1] if k + n - 1 < len(cuts) else b
             pa_, pb_ = _strip_span(text, pos, end)
-            if pa_ >= pb_ or _n_tokens(tokenizer, text[pa_:pb_]) <= max_tokens or n == 1:
+            excess = _n_tokens(tokenizer, text[pa_:pb_]) - max_tokens if pa_ < pb_ else 0
+            if excess <= 0 or n == 1:
                 break
-            n -= 1
+            n = max(1, min(n - 1, n - excess))  # each cut holds at least one token: drop the excess at once
         if pa_ < pb_:
             pieces.append(text[pa_:pb_])
         pos = end

@@ -71,10 +71,14 @@ class LMWorker:
 
 
 class _Done:
-    """A finished in-process call, shaped like a Ray future for the scheduler."""
+    """A finished in-process call, shaped like a Ray future for the scheduler: `get` gives its value or
+    raises its error there, so one shard's read or model error fails that shard, as on Ray."""
 
-    def __init__(self, value):
-        self.value = value
+    def __init__(self, fn, *args):
+        try:
+            self.value, self.error = fn(*args), None
+        except Exception as e:  # noqa: BLE001 - re-raised by LocalBackend.get, where the scheduler expects it
+            self.value, self.error = None, e
 
 
 class LocalBackend:
@@ -85,16 +89,18 @@ class LocalBackend:
         self.capacity = 1
 
     def submit(self, method: str, *args):
-        return _Done(getattr(self.worker, method)(*args))
+        return _Done(getattr(self.worker, method), *args)
 
     def wait(self, handles: list, timeout: float) -> list:
         return list(handles)
 
     def get(self, handle):
+        if handle.error is not None:
+            raise handle.error
         return handle.value
 
     def read(self, plan, cfg: Config, tokenizer):
-        return _Done(_timed_read(plan.shard, cfg.corpus, tokenizer, plan.max_docs))
+        return _Done(_timed_read, plan.shard, cfg.corpus, tokenizer, plan.max_docs)
 
     def shutdown(self) -> None:
         pass
@@ -175,6 +181,7 @@ class Batch:
     candidates: list[Candidate] = field(default_factory=list)
     pending_tools: dict = field(default_factory=dict)  # tool -> (Pending, [candidates])
     scored: list[ScoredCall] = field(default_factory=list)
+    tools_deadline: float = 0.0  # monotonic time by which its tool calls must have resolved
 
 
 @dataclass
@@ -208,6 +215,12 @@ class GenerateSummary:
     seconds: float
     report: str | None
     manifest: str
+    errors: list[str] = field(default_factory=list)  # run-level failures (the manifest could not be written)
+
+    @property
+    def ok(self) -> bool:
+        """Everything planned is done: no failed shard, manifest and report written."""
+        return not self.shards_failed and not self.errors
 
     def describe(self) -> str:
         kept = ", ".join(f"{t}: {n}" for t, n in self.calls_kept.items()) or "none"
@@ -223,6 +236,7 @@ class GenerateSummary:
             lines.append(f"report:   {self.report}")
         for sid, err in self.shards_failed.items():
             lines.append(f"FAILED {sid}: {err}")
+        lines += [f"FAILED {err}" for err in self.errors]
         return "\n".join(lines)
 
 
@@ -378,17 +392,22 @@ def run_generate(cfg: Config, use_ray: bool = True, progress: bool = True) -> Ge
                 "shards_processed": sum(w.error is None for w in works), "shards_failed": failed,
                 "write_seconds": round(sum(w.timings["write"] for w in works), 3),
                 "tool_stats": tool_stats, "limit": cfg.corpus.limit}
-    manifest = build_manifest(store, config=cfg.model_dump(mode="json"), model=model,
-                              inputs={"uri": cfg.corpus.input, "format": cfg.corpus.format,
-                                      "shards": len(shards), "limit": cfg.corpus.limit},
-                              planned=[p.to_dict() for p in plans], run=run_info)
-    manifest["config_hash_covers"] = cfg.hashed_dict()
-    store.write_manifest(manifest)
-    store.remove_uncommitted()
-    report = None
-    if store.committed_units():
-        report = report_from_store(store, {t: c.tau_f for t, c in tools_cfg.items()}, cfg.filtering.report_tau_f,
-                                   {t: c.tau_s for t, c in tools_cfg.items()})
+    report, errors = None, []
+    try:
+        manifest = build_manifest(store, config=cfg.model_dump(mode="json"), model=model,
+                                  inputs={"uri": cfg.corpus.input, "format": cfg.corpus.format,
+                                          "shards": len(shards), "limit": cfg.corpus.limit},
+                                  planned=[p.to_dict() for p in plans], run=run_info)
+        manifest["config_hash_covers"] = cfg.hashed_dict()
+        store.write_manifest(manifest)
+        store.remove_uncommitted()
+        if store.committed_units():
+            report = report_from_store(store, {t: c.tau_f for t, c in tools_cfg.items()},
+                                       cfg.filtering.report_tau_f, {t: c.tau_s for t, c in tools_cfg.items()})
+    except Exception as e:  # noqa: BLE001 - storage gone at the end: committed shards stay; a rerun redoes this
+        first = (str(e).strip().splitlines() or [""])[0]
+        errors.append(f"manifest/report not written: {type(e).__name__}: {first}")
+        print(f"[generate] {errors[-1]}", file=sys.stderr)
     kept = Counter()
     for w in works:
         for tool, counts in w.funnel.items():
@@ -398,7 +417,7 @@ def run_generate(cfg: Config, use_ray: bool = True, progress: bool = True) -> Ge
         shards_skipped=len(plans) - len(todo), shards_done=sum(w.error is None for w in works),
         shards_failed=failed, documents=sum(len(w.docs or []) for w in works),
         quarantined=sum(len(w.quarantine) for w in works), calls_kept=dict(kept),
-        seconds=time.time() - started, report=report, manifest=store.uri("manifest.json"))
+        seconds=time.time() - started, report=report, manifest=store.uri("manifest.json"), errors=errors)
 
 
 def _schedule(cfg, works: list[ShardWork], backend, executor, tokenizer, store, model, config_hash, quota,
@@ -415,6 +434,8 @@ def _schedule(cfg, works: list[ShardWork], backend, executor, tokenizer, store, 
     read_ahead = max(2, cfg.ray.lm_actors)
 
     def fail(si: int, err: BaseException) -> None:
+        if works[si].error:
+            return  # the first error is the one to report
         works[si].error = f"{type(err).__name__}: {err}"
         print(f"[generate] shard {works[si].plan.unit_id} failed: {works[si].error}", file=sys.stderr)
 
@@ -425,12 +446,12 @@ def _schedule(cfg, works: list[ShardWork], backend, executor, tokenizer, store, 
             reads[backend.read(works[si].plan, cfg, tokenizer)] = si
         # 2. keep the LM actors busy: finish started batches first (score), then start new ones
         while len(lm_tasks) < backend.capacity and (waiting_score or waiting_sample):
-            if waiting_score:
-                b = waiting_score.popleft()
-                lm_tasks[backend.submit("score", b.docs, b.candidates)] = ("score", b)
-            else:
-                b = waiting_sample.popleft()
-                lm_tasks[backend.submit("sample", b.docs)] = ("sample", b)
+            kind = "score" if waiting_score else "sample"
+            b = (waiting_score or waiting_sample).popleft()
+            if works[b.shard].error:
+                continue  # its shard has failed: no more work on it
+            args = (b.docs, b.candidates) if kind == "score" else (b.docs,)
+            lm_tasks[backend.submit(kind, *args)] = (kind, b)
         # 3. collect whatever finished (blocking briefly when nothing else can move)
         for h in backend.wait(list(reads) + list(lm_tasks), timeout=0.02 if executing else 0.5):
             if h in reads:
@@ -468,6 +489,7 @@ def _schedule(cfg, works: list[ShardWork], backend, executor, tokenizer, store, 
                 t = time.perf_counter()
                 _submit_tools(b, executor)  # in-process executors run the tools right here
                 w.timings["execute_submit"] += time.perf_counter() - t
+                b.tools_deadline = time.monotonic() + _tools_wait_s(b, cfg)
                 executing.append(b)
                 prog.update(calls=len(b.candidates))
             else:
@@ -476,6 +498,15 @@ def _schedule(cfg, works: list[ShardWork], backend, executor, tokenizer, store, 
                 w.batches_left -= 1
                 prog.update(docs_done=len(b.docs))
         for b in list(executing):
+            if works[b.shard].error:
+                executing.remove(b)
+                continue
+            if time.monotonic() > b.tools_deadline and not all(p.done() for p, _ in b.pending_tools.values()):
+                # The pools resolve every call in bounded time; this is the backstop if they do not.
+                executing.remove(b)
+                waited = _tools_wait_s(b, cfg)
+                fail(b.shard, TimeoutError(f"tool calls of a batch did not finish within {waited:.0f} s"))
+                continue
             if all(p.done() for p, _ in b.pending_tools.values()):
                 executing.remove(b)
                 t = time.perf_counter()
@@ -501,6 +532,16 @@ def _schedule(cfg, works: list[ShardWork], backend, executor, tokenizer, store, 
             next_commit += 1
         if executing and not lm_tasks and not reads:
             time.sleep(0.01)  # only tools are running: poll their results
+
+
+def _tools_wait_s(b: Batch, cfg: Config, start_s: float = 600.0) -> float:
+    """The longest a batch's tool calls may take: each call its timeout on every allowed attempt, plus a
+    worker restart (the pools' start timeout). Generous on purpose: it only catches a pool that hangs."""
+    total = start_s
+    for tool, (_, cands) in b.pending_tools.items():
+        tc = cfg.tools[tool]
+        total += len(cands) * tc.timeout_s * (tc.max_retries + 2)
+    return total
 
 
 def _submit_tools(b: Batch, executor) -> None:

@@ -34,8 +34,15 @@ def tool_class(name: str) -> type[Tool]:
     if name not in REGISTRY and not _discovered:
         _discover()
     if name not in REGISTRY:
-        raise KeyError(f"unknown tool {name!r}; known tools: {', '.join(sorted(REGISTRY))}")
+        raise KeyError(f"unknown tool {name!r}; known tools: {', '.join(tool_names())}")
     return REGISTRY[name]
+
+
+def tool_names() -> list[str]:
+    """Every registered tool's name, sorted."""
+    if not _discovered:
+        _discover()
+    return sorted(REGISTRY)
 
 
 def build_tool(name: str, options: dict | None = None) -> Tool:
@@ -48,4 +55,4 @@ def build_tools(tool_configs: dict) -> dict[str, Tool]:
 
 
 __all__ = ["REGISTRY", "Tool", "ToolOptions", "build_tool", "build_tools", "register", "stable_fraction",
-           "tool_class"]
+           "tool_class", "tool_names"]

@@ -33,6 +33,9 @@ _OPS = {"+": "+", "-": "-", "\u2212": "-", "\u2013": "-", "*": "*", "x": "*", "X
 _NUMBER_RE = re.compile(r"[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]+)?|[0-9]+\.?[0-9]*|\.[0-9]+")
 
 
+_HEX_PREFIX = re.compile(r"[xX][0-9a-fA-F]")
+
+
 def _tokenize(expr: str, max_digits: int, deadline: float) -> list[Fraction | str]:
     tokens: list[Fraction | str] = []
     pos, n = 0, len(expr)
@@ -51,6 +54,9 @@ def _tokenize(expr: str, max_digits: int, deadline: float) -> list[Fraction | st
             end = m.end()
             if end < n and (expr[end] == "," or expr[end] == "."):
                 raise CalcError(f"malformed number near {expr[pos:end + 1]!r}")
+            if text == "0" and _HEX_PREFIX.match(expr, end):
+                # "0x10" is a hexadecimal literal to anyone who writes code, not 0 x 10 = 0.
+                raise CalcError(f"hexadecimal literals are not supported: {expr[pos:end + 2]!r}...")
             tokens.append(Fraction(text))
             pos = end
             continue

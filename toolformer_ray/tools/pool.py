@@ -31,6 +31,7 @@ and replaces workers that died (or that it killed for running past their deadlin
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import threading
@@ -239,6 +240,7 @@ class LocalToolExecutor(_Executor):
         thread.start()
         thread.join(self.configs[tool].timeout_s * len(batch))
         if thread.is_alive():
+            _stop_thread(thread)
             return None, "timeout"
         if "error" in box:
             return None, "failure"
@@ -247,6 +249,18 @@ class LocalToolExecutor(_Executor):
     def shutdown(self) -> None:
         with self._cond:
             self._closed = True
+
+
+class _Abandoned(BaseException):
+    """Raised inside a tool thread that ran past its deadline (BaseException: tools catch Exception)."""
+
+
+def _stop_thread(thread: threading.Thread) -> None:
+    """Stop an abandoned tool thread rather than leave it spinning: raise _Abandoned in it. Python delivers
+    it at the thread's next bytecode, so a pure-Python loop stops at once; a thread blocked inside one C
+    call (a sleep, a socket read) stops when that call returns."""
+    if thread.ident is not None:
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(_Abandoned))
 
 
 class ToolWorker:
@@ -330,6 +344,7 @@ class RayToolExecutor(_Executor):
             self._kill_all()
             raise
         self._stop = False
+        self._dead: str | None = None
         self._thread = threading.Thread(target=self._loop, daemon=True, name="tool-pools")
         self._thread.start()
 
@@ -403,6 +418,26 @@ class RayToolExecutor(_Executor):
                 self._resolve(tool, call, None, "failure")
 
     def _loop(self) -> None:
+        try:
+            self._loop_body()
+        except BaseException as e:  # noqa: BLE001 - a dead driver thread must not leave callers waiting
+            self._die(f"the tool pools' driver thread died: {type(e).__name__}: {e}")
+
+    def _die(self, reason: str) -> None:
+        """Every unresolved call fails, and later ones fail at once: nothing waits on a dead thread."""
+        with self._cond:
+            self._dead = reason
+            leftovers = []
+            for pool in self._pools.values():
+                pool.broken = pool.broken or reason
+                leftovers += [(pool.name, c) for c in list(pool.queue) + list(pool.retry)]
+                leftovers += [(pool.name, c) for slot in pool.slots for c in slot.batch]
+                pool.queue.clear()
+                pool.retry.clear()
+        for name, call in leftovers:
+            self._resolve(name, call, None, "failure")
+
+    def _loop_body(self) -> None:
         ray = self._ray
         while True:
             with self._cond:
@@ -538,7 +573,8 @@ class RayToolExecutor(_Executor):
             self._split_or_fail(pool, batch, "timeout")
 
     def pool_errors(self) -> dict[str, str]:
-        """Pools that stopped running calls, with the reason (also visible as failures in stats)."""
+        """Pools that stopped running calls, with the reason (also visible as failures in stats); all of
+        them, with the driver thread's error, if that thread died."""
         return {name: p.broken for name, p in self._pools.items() if p.broken}
 
 

@@ -145,6 +145,15 @@ def _is_local(fs) -> bool:
     return "file" in protocols or "local" in protocols
 
 
+_BUILD_ID = re.compile(r"[0-9a-f]{1,64}")
+
+
+def _safe_relative(rel: str) -> bool:
+    """A relative name of plain parts: no "", ".", "..", backslash or NUL (a storage key can hold any)."""
+    parts = rel.split("/")
+    return bool(rel) and all(p not in ("", ".", "..") and "\\" not in p and "\0" not in p for p in parts)
+
+
 def _cache_root(cache_dir: str | None) -> Path:
     root = Path(cache_dir or os.environ.get("TOOLFORMER_INDEX_CACHE", ".cache/indexes"))
     root.mkdir(parents=True, exist_ok=True)
@@ -166,12 +175,28 @@ def fetch_index(uri: str, cache_dir: str | None = None) -> Path:
         meta = json.loads(fs.cat_file(f"{root}/meta.json"))
     except FileNotFoundError:
         raise SearchIndexError(f"no search index at {uri} ({hint})") from None
-    target = _cache_root(cache_dir) / f"index-{meta['build_id']}"
+    except ValueError:
+        raise SearchIndexError(f"{uri}/meta.json is not JSON ({hint})") from None
+    # Names from storage become local paths: only a hex build id and plain relative names, never
+    # "..", an absolute path or a separator trick, so a hostile bucket cannot write outside the cache.
+    build_id = meta.get("build_id") if isinstance(meta, dict) else None
+    if not isinstance(build_id, str) or not _BUILD_ID.fullmatch(build_id):
+        raise SearchIndexError(f"{uri}/meta.json has an invalid build_id {build_id!r} (expected hex digits)")
+    target = _cache_root(cache_dir) / f"index-{build_id}"
     if (target / "meta.json").is_file():
         return target
+    files = []
+    for path in sorted(fs.find(root)):
+        rel = path[len(root.rstrip("/")):].lstrip("/")
+        if not path.startswith(root.rstrip("/") + "/") or not _safe_relative(rel):
+            raise SearchIndexError(f"search index at {uri} holds an unsafe file name {rel!r}")
+        files.append(rel)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
     try:
-        fs.get(f"{root}/", str(tmp), recursive=True)
+        for rel in files:
+            local = tmp.joinpath(*rel.split("/"))
+            local.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(f"{root.rstrip('/')}/{rel}", str(local))
         if not (tmp / "meta.json").is_file():
             raise SearchIndexError(f"incomplete search index at {uri} ({hint})")
         try:
