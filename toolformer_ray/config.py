@@ -123,16 +123,19 @@ def _paper_tools() -> dict[str, ToolConfig]:
 class RayConfig(Section):
     address: str | None = None  # None: join the job's cluster if there is one, else start a local Ray
     num_cpus: int | None = None  # local mode only
-    lm_actors: int = Field(1, gt=0)
+    # None: one actor per lm_actor_gpus share of each node's GPUs (one per GPU at 1.0); 1 on CPU.
+    lm_actors: int | None = Field(None, gt=0)
     lm_actor_cpus: float = Field(1.0, ge=0.0)
-    lm_actor_gpus: float = Field(0.0, ge=0.0)
+    lm_actor_gpus: float = Field(0.0, ge=0.0)  # fractional shares a GPU; > 0 and no CUDA is an error
+    lm_actor_start_timeout_s: float = Field(900.0, gt=0)  # model download + load on every actor
+    lm_task_timeout_s: float = Field(3600.0, gt=0)  # one sample/score task; a hung actor is restarted
     torch_threads: int | None = None  # per LM actor; None = its CPU count
     docs_per_task: int = Field(32, gt=0)  # documents per sample/score task sent to an LM actor
     max_batches_per_actor: int = Field(2, gt=0)  # tasks queued per LM actor (back-pressure)
     reader_cpus: float = Field(0.25, ge=0.0)  # per shard-reading task
     not_hashed: ClassVar[frozenset[str]] = frozenset(
         {"address", "num_cpus", "lm_actors", "lm_actor_cpus", "lm_actor_gpus", "torch_threads", "docs_per_task",
-         "max_batches_per_actor", "reader_cpus"})
+         "max_batches_per_actor", "reader_cpus", "lm_actor_start_timeout_s", "lm_task_timeout_s"})
 
 
 class FinetuneConfig(Section):
