@@ -23,6 +23,7 @@ from toolformer_ray.models import NODE_CACHE_ENV, directory_revision
 from caller_model import caller_model_dir, corpus_records
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
 CANARY = "canary-7Qv2-SECRET-do-not-log-9d41"
 
 
@@ -145,7 +146,8 @@ def test_multinode_s3_model_per_node_caches_same_rows_as_no_ray_and_no_secret_wr
 
 
 def test_multinode_fake_gpus_default_one_actor_per_gpu_and_missing_cuda_names_the_node(ray_cluster, tmp_path):
-    ray_cluster([(1, 0, {}), (1, 2, {})])  # a node with 2 (fake) GPUs and no CUDA
+    path = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # jobs.nightly
+    ray_cluster([(1, 0, path), (1, 2, path)])  # a node with 2 (fake) GPUs and no CUDA
     cfg = make_cfg(str(caller_model_dir()), tmp_path / "cache", write_corpus(tmp_path / "c", 1, 2),
                    tmp_path / "out", **{"ray.lm_actor_gpus": 1, "ray.lm_actor_cpus": 0.25,
                                         "ray.lm_actor_start_timeout_s": 120})
@@ -158,6 +160,17 @@ def test_multinode_fake_gpus_default_one_actor_per_gpu_and_missing_cuda_names_th
     msg = str(e.value)
     assert "lm_actor_gpus=1" in msg and "CUDA is not available on node" in msg
     assert "Ray gave it GPU 0" in msg or "Ray gave it GPU 1" in msg  # the GPU Ray assigned, not all of them
+
+    # the nightly eval asks Ray for a GPU when the config says so, and then must get CUDA there
+    import ray
+
+    from jobs.nightly import _evaluate_where_it_fits
+
+    ecfg = make_cfg(str(caller_model_dir()), tmp_path / "cache", tmp_path / "c", tmp_path / "out", **{
+        "nightly.eval_gpus": 1, "nightly.eval_cpus": 0.25, "eval.tasks": "[math]", "eval.limit": 1,
+        "eval.data": "{math: %s}" % (ROOT / "tests/fixtures/eval/asdiv.jsonl"), "eval.output": tmp_path / "ev"})
+    with pytest.raises(ray.exceptions.RayTaskError, match="device 'cuda' asked for but CUDA is not available"):
+        _evaluate_where_it_fits(ecfg, [str(caller_model_dir())])
 
 
 def test_multinode_lm_actor_that_cannot_start_or_hangs_ends_with_a_message(ray_cluster, tmp_path):

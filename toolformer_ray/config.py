@@ -191,8 +191,11 @@ class InferenceConfig(Section):
     # torch intra-op threads for `infer` / `eval` (None: torch's default). On a machine shared with other jobs
     # 1 avoids oversubscription, which can make a forward pass several times slower.
     torch_threads: int | None = Field(None, gt=0)
+    # Where `infer`, `eval` and `verify` run the model: "auto" = the GPU when there is one, else the CPU;
+    # "cuda" without CUDA is an error, never a silent CPU run.
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     not_hashed: ClassVar[frozenset[str]] = frozenset(
-        {"batch_size", "resume", "async_tools", "tool_threads", "tool_timeout_s", "torch_threads"})
+        {"batch_size", "resume", "async_tools", "tool_threads", "tool_timeout_s", "torch_threads", "device"})
 
 
 def _default_prompts() -> dict[str, str]:
@@ -232,9 +235,10 @@ class NightlyConfig(Section):
     evaluate: bool = True  # evaluate each new model on eval.tasks (eval.data must give their paths)
     eval_previous: bool = True  # ... next to the model it was fine-tuned from
     eval_cpus: float = Field(1.0, gt=0)  # the eval task's CPUs when the job runs on a cluster
+    eval_gpus: float = Field(0.0, ge=0)  # ... and GPUs (the eval then runs on it: inference.device "auto")
     lease_ttl_s: float = Field(300.0, gt=0)  # a night renews its lease every ttl/5 s; a dead night's lease expires
     not_hashed: ClassVar[frozenset[str]] = frozenset(
-        {"state", "min_new_calls", "evaluate", "eval_previous", "eval_cpus", "lease_ttl_s"})
+        {"state", "min_new_calls", "evaluate", "eval_previous", "eval_cpus", "eval_gpus", "lease_ttl_s"})
 
 
 class Config(Section):

@@ -42,8 +42,14 @@ class LoadedModel:
     dtype: str
 
 
+NODE_CACHE_ENV = "TOOLFORMER_NODE_CACHE"
+
+
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    root = Path(cache_dir or os.environ.get("TOOLFORMER_CACHE", ".cache/models"))
+    """The model cache on this node: $TOOLFORMER_NODE_CACHE where the node sets it (its local disk, for every
+    model any process there loads), else the configured directory (a path on this node's own disk), else
+    $TOOLFORMER_CACHE or .cache/models."""
+    root = Path(os.environ.get(NODE_CACHE_ENV) or cache_dir or os.environ.get("TOOLFORMER_CACHE", ".cache/models"))
     root.mkdir(parents=True, exist_ok=True)
     return root
 
@@ -226,15 +232,6 @@ def fetch_model_dir(uri: str, cache_dir: str | os.PathLike | None = None) -> Pat
     return target
 
 
-NODE_CACHE_ENV = "TOOLFORMER_NODE_CACHE"
-
-
-def node_cache_dir(configured: str | os.PathLike | None) -> str | None:
-    """This node's model cache: $TOOLFORMER_NODE_CACHE when the node sets it (e.g. its local NVMe), else the
-    configured `model.cache_dir` taken as a path on this node's own disk."""
-    return os.environ.get(NODE_CACHE_ENV) or (str(configured) if configured else None)
-
-
 def node_name() -> str:
     """Host name and, inside Ray, the node's IP and id prefix: what an error names to point at a node."""
     import socket
@@ -257,7 +254,7 @@ def resolve_on_node(source: str, cache_dir: str | os.PathLike | None, tiny_seed:
     check its content against the driver's `revision`: every node computes with the same weights, and a
     directory on the driver's disk is never assumed to exist here."""
     try:
-        local = resolve_model_dir(source, node_cache_dir(cache_dir), tiny_seed)
+        local = resolve_model_dir(source, cache_dir, tiny_seed)
     except ModelError as e:
         raise ModelError(f"on node {node_name()}: {e}") from None
     if revision is not None and directory_revision(local) != revision:
