@@ -116,7 +116,14 @@ def test_multinode_s3_model_per_node_caches_same_rows_as_no_ray_and_no_secret_wr
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CANARY)  # moto takes any secret; the job must not write it
     monkeypatch.delenv(NODE_CACHE_ENV, raising=False)
     cfg = make_cfg(model_uri, caches["driver"], corpus, tmp_path / "out", **{"ray.lm_actors": 2})
-    summary = run_generate(cfg, use_ray=True, progress=False)
+    import toolformer_ray.corpus as corpus_mod
+
+    def no_hashing_here(fs, path):
+        raise AssertionError(f"the driver hashed {path}: new inputs are hashed in Ray tasks")
+
+    with monkeypatch.context() as m:
+        m.setattr(corpus_mod, "_sha256_file", no_hashing_here)
+        summary = run_generate(cfg, use_ray=True, progress=False)
     assert summary.shards_done == 3 and not summary.shards_failed, summary.describe()
 
     # each worker node downloaded and checked its own copy; nothing was put in the head node's cache
