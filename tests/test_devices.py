@@ -34,3 +34,26 @@ def test_infer_eval_and_tools_take_a_device():
     mt = MT({"model": "tiny", "device": "cuda"})
     with pytest.raises(ModelError, match="CUDA is not available"):
         mt.load()
+
+
+def test_node_resolution_checks_the_driver_revision_and_reuses_an_unchanged_download(tmp_path, monkeypatch):
+    import shutil
+
+    from caller_model import caller_model_dir
+    from toolformer_ray.models import NODE_CACHE_ENV, directory_revision, resolve_on_node
+
+    src = tmp_path / "store" / "caller"
+    shutil.copytree(caller_model_dir(), src)
+    (src / "revision.json").unlink()  # as a user's folder: no stamp of ours
+    uri = f"file://{src}"
+    monkeypatch.setenv(NODE_CACHE_ENV, str(tmp_path / "node"))  # the node's cache wins over the configured
+    first = resolve_on_node(uri, tmp_path / "configured", revision=None)
+    assert first.parent == tmp_path / "node" and not (tmp_path / "configured").exists()
+    rev = directory_revision(first)
+    stamp = (first / "revision.json").stat().st_mtime_ns
+    assert resolve_on_node(uri, None, revision=rev) == first
+    assert (first / "revision.json").stat().st_mtime_ns == stamp  # reused, not downloaded again
+    with pytest.raises(ModelError, match=r"on node \S+.*differs from the driver's \(revision"):
+        resolve_on_node(uri, None, revision="0" * 16)
+    (src / "config.json").write_text((src / "config.json").read_text() + " ")  # the folder changed
+    assert directory_revision(resolve_on_node(uri, None)) != rev
