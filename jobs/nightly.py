@@ -174,16 +174,17 @@ def _evaluate_where_it_fits(cfg: Config, models: list[str]) -> dict:
         from toolformer_ray.generate import _storage_env
 
         gpus = cfg.nightly.eval_gpus
-        if gpus > 0 and cfg.inference.device == "auto":  # a GPU asked for must be used, or fail loudly
+        if gpus > 0 and cfg.inference.device == "auto":  # a GPU asked for is used, or it fails
             cfg = cfg.model_copy(deep=True)
             cfg.inference.device = "cuda"
-        task = ray.remote(num_cpus=cfg.nightly.eval_cpus, num_gpus=gpus, max_retries=1)(_evaluate_remote)
+        task = ray.remote(num_cpus=cfg.nightly.eval_cpus, num_gpus=gpus,
+                          max_retries=1)(_evaluate_remote)
         return ray.get(task.remote(_storage_env(), cfg, models))
     return evaluate_round(cfg, models)
 
 
 def _evaluate_remote(storage_env: dict[str, str], cfg: Config, models: list[str]) -> dict:
-    # storage settings arrive as an argument, in memory: a runtime_env would be written to Ray's logs
+    # storage settings arrive as an argument, in memory: a runtime_env is written to Ray's logs
     os.environ.update(storage_env)
     return evaluate_round(cfg, models)
 

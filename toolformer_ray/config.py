@@ -126,9 +126,9 @@ class RayConfig(Section):
     # None: one actor per lm_actor_gpus share of each node's GPUs (one per GPU at 1.0); 1 on CPU.
     lm_actors: int | None = Field(None, gt=0)
     lm_actor_cpus: float = Field(1.0, ge=0.0)
-    lm_actor_gpus: float = Field(0.0, ge=0.0)  # fractional shares a GPU; > 0 and no CUDA is an error
+    lm_actor_gpus: float = Field(0.0, ge=0.0)  # fractional: GPU shared; > 0 and no CUDA: an error
     lm_actor_start_timeout_s: float = Field(900.0, gt=0)  # model download + load on every actor
-    lm_task_timeout_s: float = Field(3600.0, gt=0)  # one sample/score task; a hung actor is restarted
+    lm_task_timeout_s: float = Field(3600.0, gt=0)  # a sample/score task; a hung actor is restarted
     torch_threads: int | None = None  # per LM actor; None = its CPU count
     docs_per_task: int = Field(32, gt=0)  # documents per sample/score task sent to an LM actor
     max_batches_per_actor: int = Field(2, gt=0)  # tasks queued per LM actor (back-pressure)
@@ -191,11 +191,12 @@ class InferenceConfig(Section):
     # torch intra-op threads for `infer` / `eval` (None: torch's default). On a machine shared with other jobs
     # 1 avoids oversubscription, which can make a forward pass several times slower.
     torch_threads: int | None = Field(None, gt=0)
-    # Where `infer`, `eval` and `verify` run the model: "auto" = the GPU when there is one, else the CPU;
-    # "cuda" without CUDA is an error, never a silent CPU run.
+    # Where `infer`, `eval` and `verify` run the model: "auto" = the GPU when there is one, else the
+    # CPU; "cuda" without CUDA is an error, never a silent CPU run.
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     not_hashed: ClassVar[frozenset[str]] = frozenset(
-        {"batch_size", "resume", "async_tools", "tool_threads", "tool_timeout_s", "torch_threads", "device"})
+        {"batch_size", "resume", "async_tools", "tool_threads", "tool_timeout_s", "torch_threads",
+         "device"})
 
 
 def _default_prompts() -> dict[str, str]:
@@ -235,10 +236,11 @@ class NightlyConfig(Section):
     evaluate: bool = True  # evaluate each new model on eval.tasks (eval.data must give their paths)
     eval_previous: bool = True  # ... next to the model it was fine-tuned from
     eval_cpus: float = Field(1.0, gt=0)  # the eval task's CPUs when the job runs on a cluster
-    eval_gpus: float = Field(0.0, ge=0)  # ... and GPUs (the eval then runs on it: inference.device "auto")
+    eval_gpus: float = Field(0.0, ge=0)  # ... and GPUs (> 0: the eval then must run on CUDA)
     lease_ttl_s: float = Field(300.0, gt=0)  # a night renews its lease every ttl/5 s; a dead night's lease expires
     not_hashed: ClassVar[frozenset[str]] = frozenset(
-        {"state", "min_new_calls", "evaluate", "eval_previous", "eval_cpus", "eval_gpus", "lease_ttl_s"})
+        {"state", "min_new_calls", "evaluate", "eval_previous", "eval_cpus", "eval_gpus",
+         "lease_ttl_s"})
 
 
 class Config(Section):

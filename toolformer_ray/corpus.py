@@ -148,8 +148,8 @@ def list_shards(uri: str, fmt: str = "auto", storage_options: dict | None = None
     extension are skipped with a warning (a single named file must have a known format). Files with
     identical bytes are one shard (the first path wins). `hash_cache` (fingerprint -> sha256, updated in
     place) lets a nightly run avoid re-reading files it has hashed before; without it every file is read.
-    `hasher(uris) -> digests` hashes the files not in the cache, all in one call, so a cluster can read
-    them in parallel tasks (generate does) instead of one by one here; default: `hash_files` in process.
+    `hasher(uris) -> digests` hashes the files not in the cache, all in one call, so a cluster can
+    read them in parallel tasks (generate does) instead of one by one here; default: `hash_files`.
     """
     if fmt not in ("auto", "jsonl", "parquet", "text"):
         raise CorpusError(f"unknown corpus format {fmt!r} (auto, jsonl, parquet or text)")
@@ -191,7 +191,8 @@ def list_shards(uri: str, fmt: str = "auto", storage_options: dict | None = None
         else:
             todo.append((key, file_uri))
     if todo:
-        digests = (hasher or partial(hash_files, storage_options=storage_options))([u for _, u in todo])
+        hasher = hasher or partial(hash_files, storage_options=storage_options)
+        digests = hasher([u for _, u in todo])
         for (key, _), digest in zip(todo, digests, strict=True):
             cached[key] = digest
             if hash_cache is not None:

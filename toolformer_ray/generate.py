@@ -45,8 +45,9 @@ class LMWorker:
     """Holds the model and the annotator; runs the sample and filter stages on batches of documents.
 
     `model` is a directory in this process (--no-ray) or, on Ray, the driver's model spec ({source,
-    cache_dir, tiny_seed, revision}), resolved and content-checked into this node's own cache. `storage_env`
-    (the driver's AWS_* settings) arrives in memory, as an argument: a runtime_env would be logged."""
+    cache_dir, tiny_seed, revision}), resolved and content-checked into this node's own cache.
+    `storage_env` (the driver's AWS_* settings) arrives in memory, as an argument: a runtime_env would
+    be logged."""
 
     def __init__(self, cfg_json: dict, model: str | dict, torch_threads: int | None = None,
                  storage_env: dict[str, str] | None = None):
@@ -93,8 +94,8 @@ def _fault(point: str) -> None:
 
 def _lm_device(gpus: float) -> str:
     """The device of an LM actor: the GPU Ray assigned it when it asked for one (Ray sets
-    CUDA_VISIBLE_DEVICES to it, so it is cuda:0 here), else the CPU. A GPU asked for and no CUDA is an
-    error naming the node, never a silent CPU run."""
+    CUDA_VISIBLE_DEVICES to it, so it is cuda:0 here), else the CPU. A GPU asked for and no CUDA
+    is an error naming the node, never a silent CPU run."""
     import torch
 
     from toolformer_ray.models import ModelError, node_name
@@ -103,9 +104,10 @@ def _lm_device(gpus: float) -> str:
         return "cpu"
     if not torch.cuda.is_available():
         ids = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
-        raise ModelError(f"LM actor asked for ray.lm_actor_gpus={gpus:g} and Ray gave it GPU {ids}, but CUDA is "
-                         f"not available on node {node_name()} (torch {torch.__version__}, CUDA build "
-                         f"{torch.version.cuda}): install a CUDA torch there, or set ray.lm_actor_gpus=0")
+        raise ModelError(f"LM actor asked for ray.lm_actor_gpus={gpus:g} and Ray gave it GPU {ids}, "
+                         f"but CUDA is not available on node {node_name()} (torch "
+                         f"{torch.__version__}, CUDA build {torch.version.cuda}): install a CUDA "
+                         "torch there, or set ray.lm_actor_gpus=0")
     return "cuda"
 
 
@@ -148,9 +150,10 @@ def _timed_read(shard, corpus_cfg, tokenizer, max_docs):
 
 
 def _storage_env() -> dict[str, str]:
-    """Object-store settings of the driver (AWS_* for S3). They go to actors and tasks as call arguments,
-    in memory: never in a runtime_env, which Ray's runtime-env agent writes to its log and the dashboard
-    shows. Where nodes have their own identity (instance profile, IRSA) this is empty or harmless."""
+    """Object-store settings of the driver (AWS_* for S3). They go to actors and tasks as call
+    arguments, in memory: never in a runtime_env, which Ray's runtime-env agent writes to its log and
+    the dashboard shows. Where nodes have their own identity (instance profile, IRSA) this is empty
+    or harmless."""
     return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
 
 
@@ -170,9 +173,9 @@ class LMTimeout(TimeoutError):
 class RayBackend:
     """A pool of LMWorker actors; work goes to the actor with the fewest tasks in flight.
 
-    Each actor resolves the model on its own node (`model_spec`); start-up and every task have deadlines
-    (ray.lm_actor_start_timeout_s, ray.lm_task_timeout_s), so a missing GPU or a hung actor ends in a
-    message, never a wait without end."""
+    Each actor resolves the model on its own node (`model_spec`); start-up and every task have
+    deadlines (ray.lm_actor_start_timeout_s, ray.lm_task_timeout_s), so a missing GPU or a hung actor
+    ends in a message, never a wait without end."""
 
     def __init__(self, cfg: Config, model_spec: dict):
         import ray
@@ -185,7 +188,8 @@ class RayBackend:
         threads = rc.torch_threads or max(1, int(rc.lm_actor_cpus))
         cfg_json = cfg.model_dump(mode="json")
         env = _storage_env()
-        self.actors = [actor.remote(cfg_json, model_spec, threads, env) for _ in range(rc.lm_actors)]
+        self.actors = [actor.remote(cfg_json, model_spec, threads, env)
+                       for _ in range(rc.lm_actors)]
         self.nodes = self._wait_started(rc.lm_actor_start_timeout_s)
         self.load = {i: 0 for i in range(len(self.actors))}
         self.owner: dict = {}
@@ -197,8 +201,8 @@ class RayBackend:
         self.model_spec = model_spec
 
     def _wait_started(self, timeout: float) -> list[str]:
-        """Wait for every actor's model to load; fail at the first actor that cannot start, or at the
-        deadline with what is missing."""
+        """Wait for every actor's model to load; fail at the first actor that cannot start, or at
+        the deadline with what is missing."""
         ray = self.ray
         refs = [a.ready.remote() for a in self.actors]
         deadline = time.monotonic() + timeout
@@ -215,8 +219,9 @@ class RayBackend:
             raise LMStartError(f"an LM actor failed to start: {_root_message(e)}") from None
         if pending:
             self.shutdown()
-            raise LMStartError(f"{len(pending)} of {len(refs)} LM actors did not start in {timeout:g} s "
-                               f"(ray.lm_actor_start_timeout_s): {_missing_resources(self.rc)}")
+            raise LMStartError(f"{len(pending)} of {len(refs)} LM actors did not start in "
+                               f"{timeout:g} s (ray.lm_actor_start_timeout_s): "
+                               f"{_missing_resources(self.rc)}")
         return ray.get(refs)
 
     def submit(self, method: str, *args):
@@ -228,8 +233,9 @@ class RayBackend:
         return ref
 
     def wait(self, handles: list, timeout: float) -> list:
-        """Every finished handle, blocking up to `timeout` for the first one. A task past its deadline counts
-        as finished: `get` then raises, so its shard fails with a message instead of waiting forever."""
+        """Every finished handle, blocking up to `timeout` for the first one. A task past its deadline
+        counts as finished: `get` then raises, so its shard fails with a message instead of waiting
+        forever."""
         if not handles:
             return []
         late = self._expire(handles)
@@ -248,8 +254,8 @@ class RayBackend:
             if h in self.expired or (start is not None and now - start[0] > limit):
                 if h not in self.expired:
                     self.expired.add(h)
-                    # A hung actor is killed and restarted by Ray (max_restarts); its other tasks fail
-                    # with it and their shards are redone by the next run.
+                    # A hung actor is killed and restarted by Ray (max_restarts); its other tasks
+                    # are retried there or time out in turn.
                     self.ray.kill(self.actors[self.owner[h]], no_restart=False)
                 late.append(h)
         return late
@@ -262,7 +268,8 @@ class RayBackend:
         if handle in self.expired:
             self.expired.discard(handle)
             raise LMTimeout(f"LM actor {i} on {self.nodes[i]} did not answer {started[1]} in "
-                            f"{self.rc.lm_task_timeout_s:g} s (ray.lm_task_timeout_s); the actor was restarted")
+                            f"{self.rc.lm_task_timeout_s:g} s (ray.lm_task_timeout_s); the actor "
+                            "was restarted")
         return self.ray.get(handle)
 
     def read(self, plan, cfg: Config, tokenizer):
@@ -274,7 +281,7 @@ class RayBackend:
 
 
 def _root_message(err: BaseException) -> str:
-    """The innermost error's own line (a constructor's ModelError, say) rather than Ray's wrapper text."""
+    """The innermost error's own line (a constructor's ModelError, say), not Ray's wrapper text."""
     text = str(err)
     for line in reversed(text.splitlines()):
         line = line.strip()
@@ -292,8 +299,9 @@ def _missing_resources(rc) -> str:
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     wanted = ", ".join(f"{k}:{v:g}" for k, v in need.items())
     if not any(all(r.get(k, 0) >= v for k, v in need.items()) for r in nodes):
-        have = "; ".join(", ".join(f"{k}:{r.get(k, 0):g}" for k in need) for r in nodes) or "no nodes"
-        return f"no node has {wanted} (nodes: {have}); lower ray.lm_actor_gpus/lm_actor_cpus or add such nodes"
+        have = "; ".join(", ".join(f"{k}:{r.get(k, 0):g}" for k in need) for r in nodes)
+        return (f"no node has {wanted} (nodes: {have or 'none'}); lower ray.lm_actor_gpus/"
+                "lm_actor_cpus or add such nodes")
     free = ray.available_resources()
     return (f"no node has {wanted} free now (free in the cluster: "
             f"{', '.join(f'{k}:{free.get(k, 0):g}' for k in need)}), or the model load is slow: "
@@ -442,7 +450,8 @@ def _model_info(model_dir: str, cfg: Config) -> dict:
 
 def _model_spec(cfg: Config, model: dict) -> dict:
     """What an LM actor needs to resolve the model on its own node: the configured source (a local
-    directory as an absolute path, the same on every node), the cache and the revision to check against."""
+    directory as an absolute path, the same on every node), the cache and the revision to check
+    against."""
     source = cfg.model.path
     if source not in ("default", "tiny") and "://" not in source:
         source = str(Path(source).expanduser().resolve())
@@ -451,8 +460,8 @@ def _model_spec(cfg: Config, model: dict) -> dict:
 
 
 def _lm_actor_count(cfg: Config) -> int:
-    """ray.lm_actors, or by default one actor per lm_actor_gpus share of every node's GPUs (one per GPU at
-    1.0), or one on CPU."""
+    """ray.lm_actors, or by default one actor per lm_actor_gpus share of every node's GPUs (one per
+    GPU at 1.0), or one on CPU."""
     rc = cfg.ray
     if rc.lm_actors:
         return rc.lm_actors
@@ -462,10 +471,12 @@ def _lm_actor_count(cfg: Config) -> int:
 
     from toolformer_ray.errors import UserError
 
-    per_node = [int(n["Resources"].get("GPU", 0) / rc.lm_actor_gpus + 1e-9) for n in ray.nodes() if n.get("Alive")]
+    per_node = [int(n["Resources"].get("GPU", 0) / rc.lm_actor_gpus + 1e-9)
+                for n in ray.nodes() if n.get("Alive")]
     if sum(per_node) == 0:
-        raise UserError(f"ray.lm_actor_gpus={rc.lm_actor_gpus:g} but no node of the cluster has a GPU (yet): set "
-                        "ray.lm_actors to the number of actors to wait for, or ray.lm_actor_gpus=0")
+        raise UserError(f"ray.lm_actor_gpus={rc.lm_actor_gpus:g} but no node of the cluster has a "
+                        "GPU (yet): set ray.lm_actors to the number of actors to wait for, or "
+                        "ray.lm_actor_gpus=0")
     return sum(per_node)
 
 
@@ -477,7 +488,7 @@ def _hash_with_env(storage_env: dict[str, str], uris: list[str]) -> list[str]:
 
 
 def _ray_hash_files(cfg: Config, uris: list[str]) -> list[str]:
-    """Hash new input files in parallel Ray tasks (each reads its files straight from the store), in order."""
+    """Hash new input files in parallel Ray tasks (each reads its files from the store), in order."""
     import ray
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -499,8 +510,8 @@ def run_generate(cfg: Config, use_ray: bool = True, progress: bool = True) -> Ge
     started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     cfg = cfg.model_copy(deep=True)
     cfg.model.cache_dir = str(Path(cfg.model.cache_dir).resolve())
-    # The driver resolves the model for its tokenizer and the revision every actor must match; the actors
-    # resolve it again on their own nodes (RayBackend), never from this directory.
+    # The driver resolves the model for its tokenizer and the revision every actor must match; the
+    # actors resolve it again on their own nodes (RayBackend), never from this directory.
     model_dir = str(resolve_model_dir(cfg.model.path, cfg.model.cache_dir, cfg.model.tiny_seed))
     model = _model_info(model_dir, cfg)
     tokenizer = load_tokenizer(model_dir)
@@ -524,8 +535,8 @@ def run_generate(cfg: Config, use_ray: bool = True, progress: bool = True) -> Ge
     hash_cache = store.load_hash_cache()
     try:
         shards = list_shards(cfg.corpus.input, cfg.corpus.format,
-                             parquet_split_bytes=cfg.corpus.parquet_split_bytes, hash_cache=hash_cache,
-                             hasher=hasher)
+                             parquet_split_bytes=cfg.corpus.parquet_split_bytes,
+                             hash_cache=hash_cache, hasher=hasher)
     except BaseException:
         if stop_ray:
             import ray

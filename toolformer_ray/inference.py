@@ -231,7 +231,8 @@ class ToolDecoder:
             logits = self.logits_processor([r.prompt_ids + r.gen_ids for r in active], logits)
         s0 = self.start_ids[0]
         can_start = torch.tensor([r.phase == "text" and r.n_calls < self.cfg.max_calls and bool(self._names)
-                                  and self._mode != "disabled" for r in active], device=logits.device)
+                                  and self._mode != "disabled" for r in active],
+                                 device=logits.device)
         logits[~can_start, s0] = float("-inf")  # disabled mode, calls used up, or inside a call
         for i, r in enumerate(active):
             if r.phase == "name" and not r.forced:

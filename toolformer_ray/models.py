@@ -46,10 +46,11 @@ NODE_CACHE_ENV = "TOOLFORMER_NODE_CACHE"
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The model cache on this node: $TOOLFORMER_NODE_CACHE where the node sets it (its local disk, for every
-    model any process there loads), else the configured directory (a path on this node's own disk), else
-    $TOOLFORMER_CACHE or .cache/models."""
-    root = Path(os.environ.get(NODE_CACHE_ENV) or cache_dir or os.environ.get("TOOLFORMER_CACHE", ".cache/models"))
+    """The model cache on this node: $TOOLFORMER_NODE_CACHE where the node sets it (its local disk, for
+    every model any process there loads), else the configured directory (a path on this node's own
+    disk), else $TOOLFORMER_CACHE or .cache/models."""
+    root = Path(os.environ.get(NODE_CACHE_ENV) or cache_dir
+                or os.environ.get("TOOLFORMER_CACHE", ".cache/models"))
     root.mkdir(parents=True, exist_ok=True)
     return root
 
@@ -202,9 +203,9 @@ def _remote_listing(fs, root: str) -> dict[str, list]:
 def fetch_model_dir(uri: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """Copy a model directory from s3:// (or any fsspec URI) into the cache, keyed by the URI.
 
-    A cached copy is reused while the store's listing (names, sizes, ETags) is unchanged, so a second actor
-    on the same node does not download again; a file lock keeps two actors of one node from writing the
-    same directory at once (one downloads, the other waits and reuses it)."""
+    A cached copy is reused while the store's listing (names, sizes, ETags) is unchanged, so a second
+    actor on the same node does not download again; a file lock keeps two actors of one node from
+    writing the same directory at once (one downloads, the other waits and reuses it)."""
     import fcntl
 
     import fsspec
@@ -233,7 +234,7 @@ def fetch_model_dir(uri: str, cache_dir: str | os.PathLike | None = None) -> Pat
 
 
 def node_name() -> str:
-    """Host name and, inside Ray, the node's IP and id prefix: what an error names to point at a node."""
+    """Host name and, inside Ray, the node's IP and id prefix: what an error names a node by."""
     import socket
 
     name = socket.gethostname()
@@ -250,23 +251,23 @@ def node_name() -> str:
 
 def resolve_on_node(source: str, cache_dir: str | os.PathLike | None, tiny_seed: int = 0,
                     revision: str | None = None) -> Path:
-    """Resolve the configured model (package default, directory, s3:// prefix) into *this* node's cache and
-    check its content against the driver's `revision`: every node computes with the same weights, and a
-    directory on the driver's disk is never assumed to exist here."""
+    """Resolve the configured model (package default, directory, s3:// prefix) into *this* node's
+    cache and check its content against the driver's `revision`: every node computes with the same
+    weights, and a directory on the driver's disk is never assumed to exist here."""
     try:
         local = resolve_model_dir(source, cache_dir, tiny_seed)
     except ModelError as e:
         raise ModelError(f"on node {node_name()}: {e}") from None
     if revision is not None and directory_revision(local) != revision:
-        raise ModelError(f"model {source} on node {node_name()} ({local}) differs from the driver's (revision "
-                         f"{directory_revision(local)} != {revision}); give every node the same model, e.g. an "
-                         "s3:// prefix")
+        raise ModelError(f"model {source} on node {node_name()} ({local}) differs from the "
+                         f"driver's (revision {directory_revision(local)} != {revision}); give every "
+                         "node the same model, e.g. an s3:// prefix")
     return local
 
 
 def pick_device(device: str = "auto") -> str:
-    """"auto": the GPU when this process has one, else the CPU; "cuda" without CUDA is an error, never a
-    silent CPU run."""
+    """"auto": the GPU when this process has one, else the CPU; "cuda" without CUDA is an error,
+    never a silent CPU run."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -119,7 +119,8 @@ class MTOptions(ToolOptions):
     batch_size: int = Field(8, gt=0)
     english_threshold: float = Field(0.9, gt=0.0, le=1.0)  # inputs at least this surely English: no result
     model_cache_dir: str | None = None  # where a remote model is downloaded
-    # "auto" = the GPU this worker has (tools.MT.worker_gpus), else the CPU; "cuda" without CUDA: an error.
+    # "auto" = the GPU this worker has (tools.MT.worker_gpus), else the CPU; "cuda" without CUDA is
+    # an error.
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     # Pre-filter.
     min_chunk_letters: int = Field(8, gt=0)
