@@ -1,5 +1,6 @@
-"""Where models run: "auto" takes the GPU when there is one; a GPU asked for without CUDA is one clear
-error naming the node, never a silent CPU run (this machine has no CUDA, which is what is tested here)."""
+"""Where models run: "auto" takes the GPU when there is one; a GPU asked for without CUDA is one
+clear error naming the node, never a silent CPU run (this machine has no CUDA: that is what is
+tested here). And a model resolved on a node is checked against the driver's revision."""
 from __future__ import annotations
 
 import pytest
@@ -15,7 +16,8 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no
 
 def test_auto_is_cpu_without_cuda_and_cuda_is_an_error():
     assert pick_device("auto") == "cpu" and pick_device("cpu") == "cpu"
-    with pytest.raises(ModelError, match=r"device 'cuda' asked for but CUDA is not available on \S+"):
+    with pytest.raises(ModelError,
+                       match=r"device 'cuda' asked for but CUDA is not available on \S+"):
         pick_device("cuda")
 
 
@@ -36,7 +38,7 @@ def test_infer_eval_and_tools_take_a_device():
         mt.load()
 
 
-def test_node_resolution_checks_the_driver_revision_and_reuses_an_unchanged_download(tmp_path, monkeypatch):
+def test_node_resolution_checks_the_revision_reuses_unchanged_download(tmp_path, monkeypatch):
     import shutil
 
     from caller_model import caller_model_dir
@@ -46,7 +48,7 @@ def test_node_resolution_checks_the_driver_revision_and_reuses_an_unchanged_down
     shutil.copytree(caller_model_dir(), src)
     (src / "revision.json").unlink()  # as a user's folder: no stamp of ours
     uri = f"file://{src}"
-    monkeypatch.setenv(NODE_CACHE_ENV, str(tmp_path / "node"))  # the node's cache wins over the configured
+    monkeypatch.setenv(NODE_CACHE_ENV, str(tmp_path / "node"))  # the node's cache wins
     first = resolve_on_node(uri, tmp_path / "configured", revision=None)
     assert first.parent == tmp_path / "node" and not (tmp_path / "configured").exists()
     rev = directory_revision(first)

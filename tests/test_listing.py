@@ -1,5 +1,6 @@
-"""Input listing at scale: new files are hashed all in one call of a pluggable hasher (generate gives Ray
-tasks; tests/test_multinode.py checks the driver hashes nothing there); cached ones are not read again."""
+"""Input listing at scale: new files are hashed all in one call of a pluggable hasher (generate
+gives Ray tasks; tests/test_multinode.py checks the driver hashes nothing there); cached ones
+are not read again."""
 from __future__ import annotations
 
 import hashlib
