@@ -128,7 +128,9 @@ class RayConfig(Section):
     lm_actor_cpus: float = Field(1.0, ge=0.0)
     lm_actor_gpus: float = Field(0.0, ge=0.0)  # fractional: GPU shared; > 0 and no CUDA: an error
     lm_actor_start_timeout_s: float = Field(900.0, gt=0)  # model download + load on every actor
-    lm_task_timeout_s: float = Field(3600.0, gt=0)  # a sample/score task; a hung actor is restarted
+    # A sample/score task, counted from its submission (its queue behind the actor's other task
+    # included); past it the shard fails and the hung actor is restarted.
+    lm_task_timeout_s: float = Field(3600.0, gt=0)
     torch_threads: int | None = None  # per LM actor; None = its CPU count
     docs_per_task: int = Field(32, gt=0)  # documents per sample/score task sent to an LM actor
     max_batches_per_actor: int = Field(2, gt=0)  # tasks queued per LM actor (back-pressure)
