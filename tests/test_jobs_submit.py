@@ -55,7 +55,7 @@ def _base_env() -> dict[str, str]:
     return env
 
 
-CANARY = "canary-jobs-SECRET-3b7e-never-logged"
+CANARY = f"canary-{uuid.uuid4().hex}"  # made at run time: this file is in the uploaded working dir
 
 
 @pytest.fixture(scope="module")

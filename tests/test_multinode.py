@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pandas as pd
@@ -24,7 +25,7 @@ from caller_model import caller_model_dir, corpus_records
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-CANARY = "canary-7Qv2-SECRET-do-not-log-9d41"
+CANARY = f"canary-{uuid.uuid4().hex}"  # made at run time, so no source file contains it
 
 
 @pytest.fixture
