@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # jobs/ is a top-level folder, not part of the installed package
 
 from jobs.nightly import run_nightly
-from jobs.runtime_env import FORWARDED, runtime_env
+from jobs.runtime_env import FORWARDED, SECRETS, SecretInRuntimeEnv, runtime_env
 from jobs.state import Lease, NightlyState
 from toolformer_ray.config import load_config
 from toolformer_ray.errors import UserError
@@ -195,15 +195,29 @@ def test_settings_a_night_cannot_honour_are_refused_before_any_work(tmp_path):
     assert corpus.runs == 0
 
 
-def test_runtime_env_passes_only_set_credentials_and_writes_no_file(tmp_path):
+def test_runtime_env_passes_settings_never_credentials(tmp_path, capsys):
     env = runtime_env(ROOT / "jobs" / "runtime_env.yaml",
-                      environ={"AWS_ACCESS_KEY_ID": "AK", "AWS_SECRET_ACCESS_KEY": "SK", "AWS_SESSION_TOKEN": "",
-                               "HOME": "/root"})
-    assert env["env_vars"]["AWS_ACCESS_KEY_ID"] == "AK" and env["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "SK"
-    assert "AWS_SESSION_TOKEN" not in env["env_vars"] and "HOME" not in env["env_vars"]
+                      environ={"AWS_ACCESS_KEY_ID": "AK", "AWS_SECRET_ACCESS_KEY": "SK", "AWS_SESSION_TOKEN": "ST",
+                               "AWS_DEFAULT_REGION": "eu-west-1", "AWS_ENDPOINT_URL": "", "HOME": "/root"})
+    assert env["env_vars"]["AWS_DEFAULT_REGION"] == "eu-west-1"
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+                "HOME"} & set(env["env_vars"])
+    assert "SK" not in json.dumps(env) and "ST" not in json.dumps(env)
     assert env["working_dir"] == "." and ".venv" in env["excludes"]
     committed = yaml.safe_load((ROOT / "jobs" / "runtime_env.yaml").read_text())
-    assert not [k for k in committed["env_vars"] if k in FORWARDED]  # no credential in git
+    assert not [k for k in committed["env_vars"] if k in FORWARDED + SECRETS]  # no credential in git
+    # asking to forward a secret is refused in one line, exit 2, and prints nothing to pass on
+    from jobs.runtime_env import main
+
+    for name in ("AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "MY_DB_PASSWORD"):
+        with pytest.raises(SystemExit) as e:
+            main(["--forward", name])
+        out, err = capsys.readouterr()
+        assert e.value.code == 2 and out == "" and err.startswith("error: refusing to put " + name)
+    bad = tmp_path / "env.yaml"
+    bad.write_text("env_vars: {AWS_SECRET_ACCESS_KEY: x}\n")
+    with pytest.raises(SecretInRuntimeEnv, match="AWS_SECRET_ACCESS_KEY"):
+        runtime_env(bad, environ={})
 
 
 class FakeKube:

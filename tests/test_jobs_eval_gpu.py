@@ -17,14 +17,14 @@ from toolformer_ray.config import load_config  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
-def gpus_given(cfg, models):
-    """Stands in for evaluate_round: what Ray assigned to the task."""
+def gpus_given(storage_env, cfg, models):
+    """Stands in for the eval task's body: what Ray assigned to the task."""
     return {"gpus": [int(g) for g in ray.get_gpu_ids()], "models": models}
 
 
 def test_nightly_eval_asks_ray_for_a_gpu_when_configured(monkeypatch):
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import tests/
-    monkeypatch.setattr(nightly, "evaluate_round", gpus_given)
+    monkeypatch.setattr(nightly, "_evaluate_remote", gpus_given)
     ray.init(address="local", num_cpus=1, num_gpus=1, include_dashboard=False)
     try:
         on_gpu = load_config(None, ["nightly.eval_gpus=1", "nightly.eval_cpus=1"])

@@ -1,8 +1,9 @@
 """`ray job submit` for real: a Ray head started with `ray start --head` (token auth on, dashboard on
 127.0.0.1), the generate job and then the nightly job submitted with the `ray` CLI exactly as a laptop would
 (--working-dir, --runtime-env-json from `python -m jobs.runtime_env`), on tiny data with the tiny caller
-model. Inputs, outputs and the nightly state are on S3 (moto); the head itself has no S3 credentials, so they
-reach the job only through the runtime env built from the submitter's environment.
+model. Inputs, outputs and the nightly state are on S3 (moto). The S3 credentials are the node's own (its
+environment, as a Kubernetes Secret would give it); the runtime env from the submitter's shell carries only
+the endpoint. The secret key is a canary: no file under the head's temp dir may contain it afterwards.
 
 The head is stopped by SIGTERM to its own `ray start --block` process (which shuts its node down), then any
 process left whose command line names this head's temp dir is killed by pid: `ray stop` would stop every
@@ -54,14 +55,20 @@ def _base_env() -> dict[str, str]:
     return env
 
 
+CANARY = f"canary-{uuid.uuid4().hex}"  # made at run time: this file is in the uploaded working dir
+
+
 @pytest.fixture(scope="module")
-def ray_head():
+def ray_head(s3_server):
     temp_dir = tempfile.mkdtemp(prefix="trh-", dir="/tmp")  # short: Ray's unix sockets live under it
     dash = _free_port()
     token = uuid.uuid4().hex
     # No drain on SIGTERM: a test head has no work worth waiting 30 s for.
     env = {**_base_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    # the node's own credentials (moto takes any key); the job gets them from here, never a runtime env
+    node_env = {**env, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": CANARY,
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_server}
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
            "--port", str(_free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
            "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
@@ -69,7 +76,7 @@ def ray_head():
            "--runtime-env-agent-port", str(_free_port()), "--num-cpus", "2", "--temp-dir", temp_dir,
            "--disable-usage-stats"]
     log = open(Path(temp_dir) / "ray-start.log", "wb")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=node_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.time() + 120
@@ -151,6 +158,7 @@ def test_submit_generate_then_nightly(ray_head, s3_endpoint, tmp_path, monkeypat
     env_json = subprocess.run([sys.executable, "-m", "jobs.runtime_env"], env=client_env, cwd=ROOT,
                               capture_output=True, text=True, check=True).stdout
     assert json.loads(env_json)["env_vars"]["AWS_ENDPOINT_URL"] == s3_endpoint.url
+    assert "AWS_SECRET_ACCESS_KEY" not in json.loads(env_json)["env_vars"]
 
     t0 = time.time()
     out = submit(ray_head, env_json, "jobs.generate", config)
@@ -196,3 +204,7 @@ def test_submit_generate_then_nightly(ray_head, s3_endpoint, tmp_path, monkeypat
     assert again.status == "ok" and again.generate["shards_done"] == 0 and again.finetune is None
     assert again.pending_calls == 0 and not again.evaluations and again.model == model
     print(f"\ngenerate job {t_generate:.0f} s, nightly job {t_nightly:.0f} s")
+    # the canary secret was used by every job (S3 throughout) but written nowhere on the node
+    hits = [str(p) for p in Path(ray_head.temp_dir).rglob("*") if p.is_file() and not p.is_symlink()
+            and CANARY.encode() in p.read_bytes()]
+    assert not hits and any(Path(ray_head.temp_dir).rglob("runtime_env_agent*.log"))

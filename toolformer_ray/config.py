@@ -22,8 +22,7 @@ class ConfigError(UserError, ValueError):
 
 
 class Section(BaseModel):
-    # No inf/nan: `timeout_s: .inf` would wait forever, `tau_f: .nan` would make every comparison false.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
     # Fields that do not change results (sizes, resources, paths): left out of config_hash().
     not_hashed: ClassVar[frozenset[str]] = frozenset()
 
@@ -64,19 +63,12 @@ class CorpusConfig(Section):
     url_field: str | None = "url"
     max_doc_tokens: int = Field(256, gt=8)  # longer records are split at sentence boundaries
     max_record_chars: int = Field(1_000_000, gt=0)  # longer records are quarantined
-    # Bounds on hostile input. A record (line, paragraph, row) of more raw bytes is quarantined unparsed,
-    # keeping only a prefix, its length and sha256 (None: 4 x max_record_chars + 64 KiB); a compressed file
-    # is decompressed up to max_decompressed_bytes, the rest quarantined with the reason. Not hashed: they
-    # decide only whether a pathological record is read, never what a normal record gives.
-    max_record_bytes: int | None = Field(None, gt=0)
-    max_decompressed_bytes: int = Field(2**30, gt=0)
     limit: int | None = Field(None, gt=0)  # first N documents (quick runs)
     # Parquet files larger than this are read as one shard per row group. Shard ids (and so the `shard`
     # column) depend on it, so it is hashed: changing it starts a new output version instead of
     # redoing the same rows under new shard ids.
     parquet_split_bytes: int = Field(128 * 2**20, gt=0)
-    not_hashed: ClassVar[frozenset[str]] = frozenset(
-        {"input", "limit", "max_record_bytes", "max_decompressed_bytes"})
+    not_hashed: ClassVar[frozenset[str]] = frozenset({"input", "limit"})
 
 
 class SamplingConfig(Section):
@@ -131,16 +123,21 @@ def _paper_tools() -> dict[str, ToolConfig]:
 class RayConfig(Section):
     address: str | None = None  # None: join the job's cluster if there is one, else start a local Ray
     num_cpus: int | None = None  # local mode only
-    lm_actors: int = Field(1, gt=0)
+    # None: one actor per lm_actor_gpus share of each node's GPUs (one per GPU at 1.0); 1 on CPU.
+    lm_actors: int | None = Field(None, gt=0)
     lm_actor_cpus: float = Field(1.0, ge=0.0)
-    lm_actor_gpus: float = Field(0.0, ge=0.0)
+    lm_actor_gpus: float = Field(0.0, ge=0.0)  # fractional: GPU shared; > 0 and no CUDA: an error
+    lm_actor_start_timeout_s: float = Field(900.0, gt=0)  # model download + load on every actor
+    # A sample/score task, counted from its submission (its queue behind the actor's other task
+    # included); past it the shard fails and the hung actor is restarted.
+    lm_task_timeout_s: float = Field(3600.0, gt=0)
     torch_threads: int | None = None  # per LM actor; None = its CPU count
     docs_per_task: int = Field(32, gt=0)  # documents per sample/score task sent to an LM actor
     max_batches_per_actor: int = Field(2, gt=0)  # tasks queued per LM actor (back-pressure)
     reader_cpus: float = Field(0.25, ge=0.0)  # per shard-reading task
     not_hashed: ClassVar[frozenset[str]] = frozenset(
         {"address", "num_cpus", "lm_actors", "lm_actor_cpus", "lm_actor_gpus", "torch_threads", "docs_per_task",
-         "max_batches_per_actor", "reader_cpus"})
+         "max_batches_per_actor", "reader_cpus", "lm_actor_start_timeout_s", "lm_task_timeout_s"})
 
 
 class FinetuneConfig(Section):
@@ -196,8 +193,12 @@ class InferenceConfig(Section):
     # torch intra-op threads for `infer` / `eval` (None: torch's default). On a machine shared with other jobs
     # 1 avoids oversubscription, which can make a forward pass several times slower.
     torch_threads: int | None = Field(None, gt=0)
+    # Where `infer`, `eval` and `verify` run the model: "auto" = the GPU when there is one, else the
+    # CPU; "cuda" without CUDA is an error, never a silent CPU run.
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     not_hashed: ClassVar[frozenset[str]] = frozenset(
-        {"batch_size", "resume", "async_tools", "tool_threads", "tool_timeout_s", "torch_threads"})
+        {"batch_size", "resume", "async_tools", "tool_threads", "tool_timeout_s", "torch_threads",
+         "device"})
 
 
 def _default_prompts() -> dict[str, str]:
@@ -237,10 +238,11 @@ class NightlyConfig(Section):
     evaluate: bool = True  # evaluate each new model on eval.tasks (eval.data must give their paths)
     eval_previous: bool = True  # ... next to the model it was fine-tuned from
     eval_cpus: float = Field(1.0, gt=0)  # the eval task's CPUs when the job runs on a cluster
-    eval_gpus: float = Field(0.0, ge=0)  # ... and GPUs (> 0: the task waits for a GPU node and runs there)
+    eval_gpus: float = Field(0.0, ge=0)  # ... and GPUs (> 0: the eval then must run on CUDA)
     lease_ttl_s: float = Field(300.0, gt=0)  # a night renews its lease every ttl/5 s; a dead night's lease expires
     not_hashed: ClassVar[frozenset[str]] = frozenset(
-        {"state", "min_new_calls", "evaluate", "eval_previous", "eval_cpus", "eval_gpus", "lease_ttl_s"})
+        {"state", "min_new_calls", "evaluate", "eval_previous", "eval_cpus", "eval_gpus",
+         "lease_ttl_s"})
 
 
 class Config(Section):
@@ -275,23 +277,6 @@ class Config(Section):
                 tools[name] = {**base, **(value or {})}
             data = {**data, "tools": tools}
         return data
-
-    @model_validator(mode="after")
-    def _known_tools(self) -> "Config":
-        # A misspelled tool (`tools.Calculater.k=3`) must not quietly enable a new, unknown tool, and a
-        # bogus tool option must fail here, not when a worker starts.
-        from toolformer_ray.tools import tool_class, tool_names
-
-        for name, tc in self.tools.items():
-            try:
-                cls = tool_class(name)
-            except KeyError:
-                raise ValueError(f"unknown tool {name!r}; known tools: {', '.join(tool_names())}") from None
-            try:
-                cls.Options.model_validate(tc.options)
-            except ValidationError as e:
-                raise ValueError(f"tools.{name}.options: {_format_errors(e)}") from None
-        return self
 
     def enabled_tools(self) -> dict[str, ToolConfig]:
         return {name: t for name, t in self.tools.items() if t.enabled}
@@ -345,21 +330,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def _format_errors(err: ValidationError) -> str:
+def _format_validation_error(err: ValidationError, source: str) -> str:
     parts = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"])
         if e["type"] == "extra_forbidden":
             parts.append(f"unknown key '{loc}'")
-        elif not loc:  # a model-level check (_known_tools): its message says it all
-            parts.append(e["msg"].removeprefix("Value error, "))
         else:
             parts.append(f"'{loc}': {e['msg']}")
-    return "; ".join(parts)
-
-
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    return f"{source}: {_format_errors(err)}"
+    return f"{source}: " + "; ".join(parts)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -30,6 +30,7 @@ import logging
 import re
 import unicodedata
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any, Iterator
 
 import fsspec
@@ -129,14 +130,26 @@ def _sha256_file(fs, path: str) -> str:
     return h.hexdigest()
 
 
+def hash_files(uris: list[str], storage_options: dict | None = None) -> list[str]:
+    """sha256 of each file, in order (serially, in this process: `list_shards`' default hasher)."""
+    out = []
+    for uri in uris:
+        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        out.append(_sha256_file(fs, path))
+    return out
+
+
 def list_shards(uri: str, fmt: str = "auto", storage_options: dict | None = None,
-                parquet_split_bytes: int = 128 * 2**20, hash_cache: dict[str, str] | None = None) -> list[Shard]:
+                parquet_split_bytes: int = 128 * 2**20, hash_cache: dict[str, str] | None = None,
+                hasher=None) -> list[Shard]:
     """The shards of a file, a directory (recursive) or an s3:// prefix, in path order.
 
     Hidden files and files whose names start with "_" are skipped; in a directory, files of unknown
     extension are skipped with a warning (a single named file must have a known format). Files with
     identical bytes are one shard (the first path wins). `hash_cache` (fingerprint -> sha256, updated in
     place) lets a nightly run avoid re-reading files it has hashed before; without it every file is read.
+    `hasher(uris) -> digests` hashes the files not in the cache, all in one call, so a cluster can
+    read them in parallel tasks (generate does) instead of one by one here; default: `hash_files`.
     """
     if fmt not in ("auto", "jsonl", "parquet", "text"):
         raise CorpusError(f"unknown corpus format {fmt!r} (auto, jsonl, parquet or text)")
@@ -173,16 +186,28 @@ def list_shards(uri: str, fmt: str = "auto", storage_options: dict | None = None
             raise CorpusError(f"cannot tell the format of {uri} from its extension; set corpus.format")
         entries = [(root, root.rsplit("/", 1)[-1], file_fmt, fs.info(root))]
 
+    cached: dict[str, str] = {}
+    todo = []
+    for path, rel, file_fmt, info in entries:
+        file_uri = fs.unstrip_protocol(path) if keep_protocol else path
+        key = _fingerprint(file_uri, info)
+        if hash_cache is not None and key in hash_cache:
+            cached[key] = hash_cache[key]
+        else:
+            todo.append((key, file_uri))
+    if todo:
+        hasher = hasher or partial(hash_files, storage_options=storage_options)
+        digests = hasher([u for _, u in todo])
+        for (key, _), digest in zip(todo, digests, strict=True):
+            cached[key] = digest
+            if hash_cache is not None:
+                hash_cache[key] = digest
+
     shards: list[Shard] = []
     seen: dict[str, str] = {}
     for path, rel, file_fmt, info in entries:
         file_uri = fs.unstrip_protocol(path) if keep_protocol else path
-        key = _fingerprint(file_uri, info)
-        digest = hash_cache.get(key) if hash_cache is not None else None
-        if digest is None:
-            digest = _sha256_file(fs, path)
-            if hash_cache is not None:
-                hash_cache[key] = digest
+        digest = cached[_fingerprint(file_uri, info)]
         if digest in seen:
             log.warning("corpus: %s has the same bytes as %s; read once", file_uri, seen[digest])
             continue

@@ -38,28 +38,45 @@ from toolformer_ray.schema import (CALLS_SCHEMA, CANDIDATES_SCHEMA, DOCUMENTS_SC
 
 
 # --------------------------------------------------------------------------------------------- LM worker
-class LMWorker:
-    """Holds the model and the annotator; runs the sample and filter stages on batches of documents."""
+FAULT_ENV = "TOOLFORMER_FAULT_LM"  # tests only: "hang_init" / "hang_sample" make an LM actor hang
 
-    def __init__(self, cfg_json: dict, model_dir: str, torch_threads: int | None = None):
+
+class LMWorker:
+    """Holds the model and the annotator; runs the sample and filter stages on batches of documents.
+
+    `model` is a directory in this process (--no-ray) or, on Ray, the driver's model spec ({source,
+    cache_dir, tiny_seed, revision}), resolved and content-checked into this node's own cache.
+    `storage_env` (the driver's AWS_* settings) arrives in memory, as an argument: a runtime_env would
+    be logged."""
+
+    def __init__(self, cfg_json: dict, model: str | dict, torch_threads: int | None = None,
+                 storage_env: dict[str, str] | None = None):
         import torch
 
         from toolformer_ray.core.annotate import Annotator
-        from toolformer_ray.models import load_model
+        from toolformer_ray.models import load_model, resolve_on_node
         from toolformer_ray.tools import build_tools
 
+        _fault("hang_init")
+        os.environ.update(storage_env or {})
         if torch_threads:
             torch.set_num_threads(torch_threads)
         cfg = Config.model_validate(cfg_json)
-        device = "cuda" if cfg.ray.lm_actor_gpus > 0 and torch.cuda.is_available() else "cpu"
-        lm = load_model(model_dir, cfg.model.dtype, cfg.model.cache_dir, device=device)
+        device = _lm_device(cfg.ray.lm_actor_gpus)
+        if isinstance(model, dict):
+            model = str(resolve_on_node(model["source"], model["cache_dir"], model["tiny_seed"],
+                                        model["revision"]))
+        lm = load_model(model, cfg.model.dtype, cfg.model.cache_dir, device=device)
         # Tools here only give prompts and pre-filters; their resources load on the tool workers.
         self.annotator = Annotator.from_config(lm, build_tools(cfg.enabled_tools()), cfg)
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> str:
+        from toolformer_ray.models import node_name
+
+        return node_name()
 
     def sample(self, docs: list[Document]):
+        _fault("hang_sample")
         t = time.perf_counter()
         result = self.annotator.sample(docs)
         return result, time.perf_counter() - t
@@ -68,6 +85,30 @@ class LMWorker:
         t = time.perf_counter()
         scored = self.annotator.score(docs, candidates)
         return scored, time.perf_counter() - t
+
+
+def _fault(point: str) -> None:
+    if os.environ.get(FAULT_ENV) == point:
+        time.sleep(10 ** 6)
+
+
+def _lm_device(gpus: float) -> str:
+    """The device of an LM actor: the GPU Ray assigned it when it asked for one (Ray sets
+    CUDA_VISIBLE_DEVICES to it, so it is cuda:0 here), else the CPU. A GPU asked for and no CUDA
+    is an error naming the node, never a silent CPU run."""
+    import torch
+
+    from toolformer_ray.models import ModelError, node_name
+
+    if gpus <= 0:
+        return "cpu"
+    if not torch.cuda.is_available():
+        ids = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+        raise ModelError(f"LM actor asked for ray.lm_actor_gpus={gpus:g} and Ray gave it GPU {ids}, "
+                         f"but CUDA is not available on node {node_name()} (torch "
+                         f"{torch.__version__}, CUDA build {torch.version.cuda}): install a CUDA "
+                         "torch there, or set ray.lm_actor_gpus=0")
+    return "cuda"
 
 
 class _Done:
@@ -115,62 +156,162 @@ def _timed_read(shard, corpus_cfg, tokenizer, max_docs):
 
 
 def _storage_env() -> dict[str, str]:
-    """Object-store settings of the driver (AWS_* for S3), handed to workers in memory, never to a file:
-    a local Ray started earlier in this process would not have them otherwise."""
+    """Object-store settings of the driver (AWS_* for S3). They go to actors and tasks as call
+    arguments, in memory: never in a runtime_env, which Ray's runtime-env agent writes to its log and
+    the dashboard shows. Where nodes have their own identity (instance profile, IRSA) this is empty
+    or harmless."""
     return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
 
 
-class RayBackend:
-    """A pool of LMWorker actors; work goes to the actor with the fewest tasks in flight."""
+def _read_with_env(storage_env: dict[str, str], shard, corpus_cfg, tokenizer, max_docs):
+    os.environ.update(storage_env)
+    return _timed_read(shard, corpus_cfg, tokenizer, max_docs)
 
-    def __init__(self, cfg: Config, model_dir: str):
+
+class LMStartError(RuntimeError):
+    """LM actors that could not start: what is missing, in one message."""
+
+
+class LMTimeout(TimeoutError):
+    """An LM task that did not answer within ray.lm_task_timeout_s."""
+
+
+class RayBackend:
+    """A pool of LMWorker actors; work goes to the actor with the fewest tasks in flight.
+
+    Each actor resolves the model on its own node (`model_spec`); start-up and every task have
+    deadlines (ray.lm_actor_start_timeout_s, ray.lm_task_timeout_s), so a missing GPU or a hung actor
+    ends in a message, never a wait without end."""
+
+    def __init__(self, cfg: Config, model_spec: dict):
         import ray
 
         self.ray = ray
         rc = cfg.ray
-        env = {"env_vars": _storage_env()}
+        self.rc = rc
         actor = ray.remote(num_cpus=rc.lm_actor_cpus, num_gpus=rc.lm_actor_gpus, max_restarts=2,
-                           max_task_retries=2, runtime_env=env)(LMWorker)
+                           max_task_retries=2)(LMWorker)
         threads = rc.torch_threads or max(1, int(rc.lm_actor_cpus))
         cfg_json = cfg.model_dump(mode="json")
-        self.actors = [actor.remote(cfg_json, model_dir, threads) for _ in range(rc.lm_actors)]
-        ray.get([a.ready.remote() for a in self.actors])  # fail early (model not loadable, no resources)
+        env = _storage_env()
+        self.actors = [actor.remote(cfg_json, model_spec, threads, env)
+                       for _ in range(rc.lm_actors)]
+        self.nodes = self._wait_started(rc.lm_actor_start_timeout_s)
         self.load = {i: 0 for i in range(len(self.actors))}
         self.owner: dict = {}
+        self.started: dict = {}  # handle -> (submit time, method)
+        self.expired: set = set()
         self.capacity = rc.lm_actors * rc.max_batches_per_actor
-        self.reader = ray.remote(num_cpus=rc.reader_cpus, runtime_env=env)(_timed_read)
-        self.model_dir = model_dir
+        read = ray.remote(num_cpus=rc.reader_cpus)(_read_with_env)
+        self.reader = lambda *args: read.remote(env, *args)
+        self.model_spec = model_spec
+
+    def _wait_started(self, timeout: float) -> list[str]:
+        """Wait for every actor's model to load; fail at the first actor that cannot start, or at
+        the deadline with what is missing."""
+        ray = self.ray
+        refs = [a.ready.remote() for a in self.actors]
+        deadline = time.monotonic() + timeout
+        pending = list(refs)
+        try:
+            while pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                done, pending = ray.wait(pending, num_returns=1, timeout=min(left, 5.0))
+                ray.get(done)  # a constructor error (model, CUDA) surfaces here, at once
+        except ray.exceptions.RayError as e:
+            self.shutdown()
+            raise LMStartError(f"an LM actor failed to start: {_root_message(e)}") from None
+        if pending:
+            self.shutdown()
+            raise LMStartError(f"{len(pending)} of {len(refs)} LM actors did not start in "
+                               f"{timeout:g} s (ray.lm_actor_start_timeout_s): "
+                               f"{_missing_resources(self.rc)}")
+        return ray.get(refs)
 
     def submit(self, method: str, *args):
         i = min(self.load, key=self.load.get)
         ref = getattr(self.actors[i], method).remote(*args)
         self.load[i] += 1
         self.owner[ref] = i
+        self.started[ref] = (time.monotonic(), method)
         return ref
 
     def wait(self, handles: list, timeout: float) -> list:
-        """Every finished handle, blocking up to `timeout` for the first one."""
+        """Every finished handle, blocking up to `timeout` for the first one. A task past its deadline
+        counts as finished: `get` then raises, so its shard fails with a message instead of waiting
+        forever."""
         if not handles:
             return []
-        first, _ = self.ray.wait(handles, num_returns=1, timeout=timeout)
-        if not first:
+        late = self._expire(handles)
+        first, _ = self.ray.wait(handles, num_returns=1, timeout=0 if late else timeout)
+        if not first and not late:
             return []
         ready, _ = self.ray.wait(handles, num_returns=len(handles), timeout=0)
-        return ready
+        return ready + [h for h in late if h not in ready]
+
+    def _expire(self, handles: list) -> list:
+        limit = self.rc.lm_task_timeout_s
+        now = time.monotonic()
+        late = []
+        for h in handles:
+            start = self.started.get(h)
+            if h in self.expired or (start is not None and now - start[0] > limit):
+                if h not in self.expired:
+                    self.expired.add(h)
+                    # A hung actor is killed and restarted by Ray (max_restarts); its other tasks
+                    # are retried there or time out in turn.
+                    self.ray.kill(self.actors[self.owner[h]], no_restart=False)
+                late.append(h)
+        return late
 
     def get(self, handle):
-        value = self.ray.get(handle)
         i = self.owner.pop(handle, None)
         if i is not None:
             self.load[i] -= 1
-        return value
+        started = self.started.pop(handle, None)
+        if handle in self.expired:
+            self.expired.discard(handle)
+            raise LMTimeout(f"LM actor {i} on {self.nodes[i]} did not answer {started[1]} in "
+                            f"{self.rc.lm_task_timeout_s:g} s (ray.lm_task_timeout_s); the actor "
+                            "was restarted")
+        return self.ray.get(handle)
 
     def read(self, plan, cfg: Config, tokenizer):
-        return self.reader.remote(plan.shard, cfg.corpus, tokenizer, plan.max_docs)
+        return self.reader(plan.shard, cfg.corpus, tokenizer, plan.max_docs)
 
     def shutdown(self) -> None:
         for a in self.actors:
             self.ray.kill(a)
+
+
+def _root_message(err: BaseException) -> str:
+    """The innermost error's own line (a constructor's ModelError, say), not Ray's wrapper text."""
+    text = str(err)
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if "Error:" in line and not line.startswith(("ray.exceptions", "File ")):
+            return line
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _missing_resources(rc) -> str:
+    """Why LM actors may be waiting: no node that could ever hold one, or none free now."""
+    import ray
+
+    need = {"CPU": rc.lm_actor_cpus, "GPU": rc.lm_actor_gpus}
+    need = {k: v for k, v in need.items() if v > 0}
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    wanted = ", ".join(f"{k}:{v:g}" for k, v in need.items())
+    if not any(all(r.get(k, 0) >= v for k, v in need.items()) for r in nodes):
+        have = "; ".join(", ".join(f"{k}:{r.get(k, 0):g}" for k in need) for r in nodes)
+        return (f"no node has {wanted} (nodes: {have or 'none'}); lower ray.lm_actor_gpus/"
+                "lm_actor_cpus or add such nodes")
+    free = ray.available_resources()
+    return (f"no node has {wanted} free now (free in the cluster: "
+            f"{', '.join(f'{k}:{free.get(k, 0):g}' for k in need)}), or the model load is slow: "
+            "fewer ray.lm_actors, or a longer ray.lm_actor_start_timeout_s")
 
 
 # ------------------------------------------------------------------------------------------- scheduling
@@ -315,12 +456,65 @@ def _check_local_resources(cfg: Config, tools_cfg: dict) -> None:
 def _model_info(model_dir: str, cfg: Config) -> dict:
     from toolformer_ray.models import directory_revision
 
-    return {"path": model_dir, "requested": cfg.model.path, "revision": directory_revision(model_dir),
+    # An s3:// model is named by its URI (the driver's cache path means nothing on other nodes).
+    path = cfg.model.path if "://" in cfg.model.path else model_dir
+    return {"path": path, "requested": cfg.model.path, "revision": directory_revision(model_dir),
             "dtype": cfg.model.dtype}
 
 
+def _model_spec(cfg: Config, model: dict) -> dict:
+    """What an LM actor needs to resolve the model on its own node: the configured source (a local
+    directory as an absolute path, the same on every node), the cache and the revision to check
+    against."""
+    source = cfg.model.path
+    if source not in ("default", "tiny") and "://" not in source:
+        source = str(Path(source).expanduser().resolve())
+    return {"source": source, "cache_dir": cfg.model.cache_dir, "tiny_seed": cfg.model.tiny_seed,
+            "revision": model["revision"]}
+
+
+def _lm_actor_count(cfg: Config) -> int:
+    """ray.lm_actors, or by default one actor per lm_actor_gpus share of every node's GPUs (one per
+    GPU at 1.0), or one on CPU."""
+    rc = cfg.ray
+    if rc.lm_actors:
+        return rc.lm_actors
+    if rc.lm_actor_gpus <= 0:
+        return 1
+    import ray
+
+    from toolformer_ray.errors import UserError
+
+    per_node = [int(n["Resources"].get("GPU", 0) / rc.lm_actor_gpus + 1e-9)
+                for n in ray.nodes() if n.get("Alive")]
+    if sum(per_node) == 0:
+        raise UserError(f"ray.lm_actor_gpus={rc.lm_actor_gpus:g} but no node of the cluster has a "
+                        "GPU (yet): set ray.lm_actors to the number of actors to wait for, or "
+                        "ray.lm_actor_gpus=0")
+    return sum(per_node)
+
+
+def _hash_with_env(storage_env: dict[str, str], uris: list[str]) -> list[str]:
+    from toolformer_ray.corpus import hash_files
+
+    os.environ.update(storage_env)
+    return hash_files(uris)
+
+
+def _ray_hash_files(cfg: Config, uris: list[str]) -> list[str]:
+    """Hash new input files in parallel Ray tasks (each reads its files from the store), in order."""
+    import ray
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    per_task = max(1, -(-len(uris) // (4 * cpus)))
+    task = ray.remote(num_cpus=cfg.ray.reader_cpus, max_retries=2)(_hash_with_env)
+    env = _storage_env()
+    refs = [task.remote(env, uris[i:i + per_task]) for i in range(0, len(uris), per_task)]
+    return [d for chunk in ray.get(refs) for d in chunk]
+
+
 def run_generate(cfg: Config, use_ray: bool = True, progress: bool = True) -> GenerateSummary:
-    from toolformer_ray.corpus import list_shards, plan_shards
+    from toolformer_ray.corpus import hash_files, list_shards, plan_shards
     from toolformer_ray.models import load_tokenizer, resolve_model_dir
     from toolformer_ray.report import report_from_store
     from toolformer_ray.storage import OutputStore, build_manifest
@@ -330,6 +524,8 @@ def run_generate(cfg: Config, use_ray: bool = True, progress: bool = True) -> Ge
     started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     cfg = cfg.model_copy(deep=True)
     cfg.model.cache_dir = str(Path(cfg.model.cache_dir).resolve())
+    # The driver resolves the model for its tokenizer and the revision every actor must match; the
+    # actors resolve it again on their own nodes (RayBackend), never from this directory.
     model_dir = str(resolve_model_dir(cfg.model.path, cfg.model.cache_dir, cfg.model.tiny_seed))
     model = _model_info(model_dir, cfg)
     tokenizer = load_tokenizer(model_dir)
@@ -341,9 +537,26 @@ def run_generate(cfg: Config, use_ray: bool = True, progress: bool = True) -> Ge
 
         raise UserError("no tool is enabled in the config (tools: ...)")
 
+    stop_ray = False
+
+    def hasher(uris: list[str]) -> list[str]:
+        nonlocal stop_ray
+        if not use_ray or len(uris) < 2:
+            return hash_files(uris)
+        stop_ray = _init_ray(cfg) or stop_ray
+        return _ray_hash_files(cfg, uris)
+
     hash_cache = store.load_hash_cache()
-    shards = list_shards(cfg.corpus.input, cfg.corpus.format, parquet_split_bytes=cfg.corpus.parquet_split_bytes,
-                         hash_cache=hash_cache)
+    try:
+        shards = list_shards(cfg.corpus.input, cfg.corpus.format,
+                             parquet_split_bytes=cfg.corpus.parquet_split_bytes,
+                             hash_cache=hash_cache, hasher=hasher)
+    except BaseException:
+        if stop_ray:
+            import ray
+
+            ray.shutdown()
+        raise
     store.save_hash_cache(hash_cache)
     plans = plan_shards(shards, cfg.corpus, tokenizer, cfg.corpus.limit)
     units = store.committed_units()
@@ -355,18 +568,19 @@ def run_generate(cfg: Config, use_ray: bool = True, progress: bool = True) -> Ge
             used_before[tool] += counts.get("kept_after_cap", 0)
     quota = {t: max(0, tc.max_kept - used_before[t]) for t, tc in tools_cfg.items()}
 
-    stop_ray = False
     backend = executor = None
     prog = Progress(len(todo), enabled=progress)
     works = [ShardWork(p) for p in todo]
     try:
         if use_ray and todo:
-            stop_ray = _init_ray(cfg)
+            stop_ray = _init_ray(cfg) or stop_ray
+            cfg.ray.lm_actors = _lm_actor_count(cfg)
             if stop_ray:
                 _check_local_resources(cfg, tools_cfg)
-            backend = RayBackend(cfg, model_dir)
+            backend = RayBackend(cfg, _model_spec(cfg, model))
             executor = RayToolExecutor(tools_cfg)
         elif todo:
+            cfg.ray.lm_actors = 1
             backend = LocalBackend(cfg, model_dir)
             executor = LocalToolExecutor(tools_cfg)
         if todo:

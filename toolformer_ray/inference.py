@@ -231,7 +231,8 @@ class ToolDecoder:
             logits = self.logits_processor([r.prompt_ids + r.gen_ids for r in active], logits)
         s0 = self.start_ids[0]
         can_start = torch.tensor([r.phase == "text" and r.n_calls < self.cfg.max_calls and bool(self._names)
-                                  and self._mode != "disabled" for r in active])
+                                  and self._mode != "disabled" for r in active],
+                                 device=logits.device)
         logits[~can_start, s0] = float("-inf")  # disabled mode, calls used up, or inside a call
         for i, r in enumerate(active):
             if r.phase == "name" and not r.forced:
@@ -239,7 +240,8 @@ class ToolDecoder:
         start_in_topk = (logits.topk(min(self.cfg.top_k_start, logits.shape[-1])).indices == s0).any(-1)
         if self.cfg.temperature > 0:
             probs = torch.softmax(logits / self.cfg.temperature, -1)
-            picks = torch.multinomial(probs, 1, generator=self._gen).squeeze(-1).tolist()
+            # on the CPU, with the seeded CPU generator: the same draws whatever device decodes
+            picks = torch.multinomial(probs.cpu(), 1, generator=self._gen).squeeze(-1).tolist()
         else:
             picks = logits.argmax(-1).tolist()
 
@@ -548,8 +550,9 @@ class _KVBatch:
         from transformers import DynamicCache
 
         width = max(len(s) for s in seqs)
-        ids = torch.tensor([[self.pad_id] * (width - len(s)) + s for s in seqs])
-        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+        dev = self.model.device
+        ids = torch.tensor([[self.pad_id] * (width - len(s)) + s for s in seqs], device=dev)
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
@@ -575,7 +578,7 @@ class _KVBatch:
                                torch.nn.functional.pad(mask, (width - b, 0))])
 
     def select(self, keep: list[int]) -> None:
-        idx = torch.tensor(keep, dtype=torch.long)
+        idx = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
         self.cache.batch_select_indices(idx)
         self.mask = self.mask[idx]
         # Drop leading columns that no remaining row uses (they were padding of rows that left).
@@ -589,10 +592,11 @@ class _KVBatch:
 
     def step(self, tokens: list[int | None], positions: list[int]) -> torch.Tensor:
         """Feed one token per row (None = a masked hole); returns next-token logits."""
-        ids = torch.tensor([[self.pad_id if t is None else t] for t in tokens])
-        col = torch.tensor([[0 if t is None else 1] for t in tokens])
+        dev = self.model.device
+        ids = torch.tensor([[self.pad_id if t is None else t] for t in tokens], device=dev)
+        col = torch.tensor([[0 if t is None else 1] for t in tokens], device=dev)
         self.mask = torch.cat([self.mask, col], dim=1)
-        pos = torch.tensor([[p] for p in positions])
+        pos = torch.tensor([[p] for p in positions], device=dev)
         out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
                          use_cache=True)
         return out.logits[:, -1].float()
@@ -634,7 +638,9 @@ def set_torch_threads(n: int | None) -> None:
 def decoder_from_config(cfg: "Config", lm=None, tools: dict[str, "Tool"] | None = None) -> ToolDecoder:
     from toolformer_ray.models import load_from_config
 
-    lm = lm or load_from_config(cfg.model)
+    from toolformer_ray.models import pick_device
+
+    lm = lm or load_from_config(cfg.model, device=pick_device(cfg.inference.device))
     return ToolDecoder(lm.model, lm.tokenizer, tools or {}, Markers.from_config(cfg.markers), cfg.inference)
 
 

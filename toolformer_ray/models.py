@@ -42,8 +42,15 @@ class LoadedModel:
     dtype: str
 
 
+NODE_CACHE_ENV = "TOOLFORMER_NODE_CACHE"
+
+
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    root = Path(cache_dir or os.environ.get("TOOLFORMER_CACHE", ".cache/models"))
+    """The model cache on this node: $TOOLFORMER_NODE_CACHE where the node sets it (its local disk, for
+    every model any process there loads), else the configured directory (a path on this node's own
+    disk), else $TOOLFORMER_CACHE or .cache/models."""
+    root = Path(os.environ.get(NODE_CACHE_ENV) or cache_dir
+                or os.environ.get("TOOLFORMER_CACHE", ".cache/models"))
     root.mkdir(parents=True, exist_ok=True)
     return root
 
@@ -181,8 +188,26 @@ def tiny_model_dir(cache_dir: str | os.PathLike | None = None, seed: int = 0) ->
     return target
 
 
+def _remote_listing(fs, root: str) -> dict[str, list]:
+    """name -> [size, etag/mtime] of the files at `root`: the store's own metadata, no download."""
+    listing = {}
+    for info in fs.ls(root, detail=True):
+        if info.get("type") != "file":
+            continue
+        name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+        tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+        listing[name] = [int(info.get("size") or 0), str(tag or "")]
+    return listing
+
+
 def fetch_model_dir(uri: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Copy a model directory from s3:// (or any fsspec URI) into the cache, keyed by the URI."""
+    """Copy a model directory from s3:// (or any fsspec URI) into the cache, keyed by the URI.
+
+    A cached copy is reused while the store's listing (names, sizes, ETags) is unchanged, so a second
+    actor on the same node does not download again; a file lock keeps two actors of one node from
+    writing the same directory at once (one downloads, the other waits and reuses it)."""
+    import fcntl
+
     import fsspec
 
     key = hashlib.sha256(uri.encode()).hexdigest()[:16]
@@ -190,18 +215,66 @@ def fetch_model_dir(uri: str, cache_dir: str | os.PathLike | None = None) -> Pat
     fs, root = fsspec.core.url_to_fs(uri)
     if not fs.isdir(root):
         raise ModelError(f"model directory not found: {uri}")
-    tmp = _tmp_dir(target)
-    try:
-        for entry in fs.ls(root, detail=False):
-            name = entry.rstrip("/").rsplit("/", 1)[-1]
-            if fs.isfile(entry):
-                fs.get(entry, str(tmp / name))
-        _write_revision(tmp, {"source": uri})
-        _publish_dir(tmp, target, replace=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    listing = _remote_listing(fs, root)
+    with open(cache_root(cache_dir) / f"remote-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        stamp = target / "revision.json"
+        if stamp.is_file() and json.loads(stamp.read_text()).get("listing") == listing:
+            return target
+        tmp = _tmp_dir(target)
+        try:
+            for name in listing:
+                fs.get(f"{root.rstrip('/')}/{name}", str(tmp / name))
+            _write_revision(tmp, {"source": uri, "listing": listing})
+            _publish_dir(tmp, target, replace=True)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def node_name() -> str:
+    """Host name and, inside Ray, the node's IP and id prefix: what an error names a node by."""
+    import socket
+
+    name = socket.gethostname()
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ctx = ray.get_runtime_context()
+            name += f" (Ray node {ctx.get_node_id()[:12]}, {ray.util.get_node_ip_address()})"
+    except Exception:  # naming the node must never hide the error being reported
+        pass
+    return name
+
+
+def resolve_on_node(source: str, cache_dir: str | os.PathLike | None, tiny_seed: int = 0,
+                    revision: str | None = None) -> Path:
+    """Resolve the configured model (package default, directory, s3:// prefix) into *this* node's
+    cache and check its content against the driver's `revision`: every node computes with the same
+    weights, and a directory on the driver's disk is never assumed to exist here."""
+    try:
+        local = resolve_model_dir(source, cache_dir, tiny_seed)
+    except ModelError as e:
+        raise ModelError(f"on node {node_name()}: {e}") from None
+    if revision is not None and directory_revision(local) != revision:
+        raise ModelError(f"model {source} on node {node_name()} ({local}) differs from the "
+                         f"driver's (revision {directory_revision(local)} != {revision}); give every "
+                         "node the same model, e.g. an s3:// prefix")
+    return local
+
+
+def pick_device(device: str = "auto") -> str:
+    """"auto": the GPU when this process has one, else the CPU; "cuda" without CUDA is an error,
+    never a silent CPU run."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} asked for but CUDA is not available on {node_name()} "
+                         f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES="
+                         f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+    return device
 
 
 def resolve_model_dir(path: str, cache_dir: str | os.PathLike | None = None, tiny_seed: int = 0) -> Path:

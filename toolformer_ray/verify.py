@@ -49,7 +49,7 @@ class VerifyReport:
 @torch.no_grad()
 def plain_loss(model, prefix_ids: list[int], doc_ids: list[int], i: int) -> float:
     """L_i(z) = sum_t w_t * -log p(x_{i+t} | z, x_<i+t), from one full forward over z + x (fp32 softmax)."""
-    seq = torch.tensor([prefix_ids + doc_ids])
+    seq = torch.tensor([prefix_ids + doc_ids], device=model.device)
     logp = torch.log_softmax(model(seq).logits[0].float(), -1)
     total = 0.0
     for t, w in enumerate(loss_weights()):
@@ -64,13 +64,14 @@ def plain_loss(model, prefix_ids: list[int], doc_ids: list[int], i: int) -> floa
 
 
 def verify_output(version_uri: str, limit: int | None = None, dtype: str | None = None,
-                  tolerance: float | None = None, model_path: str | None = None) -> tuple[VerifyReport, float]:
+                  tolerance: float | None = None, model_path: str | None = None,
+                  device: str = "auto") -> tuple[VerifyReport, float]:
     """Recompute up to `limit` kept calls of one output version. dtype defaults to the run's. A float32 run
     must agree to 1e-4; in bf16 each logit carries ~2^-8 relative rounding, which moves a token's NLL by up
     to ~0.1 between two computations (measured on SmolLM2: max 0.08 over 117 calls), hence 0.15 there."""
     from toolformer_ray.api_text import Markers, strip_calls
     from toolformer_ray.errors import UserError
-    from toolformer_ray.models import load_model
+    from toolformer_ray.models import load_model, pick_device
     from toolformer_ray.storage import OutputStore
 
     parent, _, config_hash = version_uri.rstrip("/").rpartition("/")
@@ -99,7 +100,7 @@ def verify_output(version_uri: str, limit: int | None = None, dtype: str | None 
     dtype = dtype or calls[0]["dtype"]
     if tolerance is None:
         tolerance = 1e-4 if dtype == "float32" else 0.15
-    lm = load_model(model_path or calls[0]["model"], dtype=dtype)
+    lm = load_model(model_path or calls[0]["model"], dtype=dtype, device=pick_device(device))
     if lm.revision != calls[0]["model_revision"]:
         raise UserError(f"the model at {lm.path} has revision {lm.revision}, the rows were made with "
                         f"{calls[0]['model_revision']}: pass --model with the run's weights")

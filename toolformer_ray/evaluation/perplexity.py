@@ -27,13 +27,14 @@ def nll_and_count(model, tokenizer, texts: list[str], max_length: int = 1024, ba
                 windows.append(ids[i:i + max_length])
     windows.sort(key=len)  # similar lengths together: little padding
     decoder, head = model.get_decoder(), model.get_output_embeddings()
-    masked = torch.tensor(sorted(set(mask_token_ids or [])), dtype=torch.long)
+    dev = model.device
+    masked = torch.tensor(sorted(set(mask_token_ids or [])), dtype=torch.long, device=dev)
     total, count = 0.0, 0
     for b in range(0, len(windows), batch_size):
         chunk = windows[b:b + batch_size]
         width = max(map(len, chunk))
-        ids = torch.tensor([w + [0] * (width - len(w)) for w in chunk])
-        attn = torch.tensor([[1] * len(w) + [0] * (width - len(w)) for w in chunk])
+        ids = torch.tensor([w + [0] * (width - len(w)) for w in chunk], device=dev)
+        attn = torch.tensor([[1] * len(w) + [0] * (width - len(w)) for w in chunk], device=dev)
         hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state
         targets, valid = ids[:, 1:], attn[:, 1:].bool()
         # The LM head over slices of positions: full [batch, length, vocab] logits would not fit for long texts.

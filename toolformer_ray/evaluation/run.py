@@ -74,10 +74,11 @@ def run_eval(cfg, tasks: dict[str, str] | list[tuple[str, str]] | None = None, m
     rows: list[EvalRow] = []
     taken: set[str] = set()
     for model_path in models:
-        from toolformer_ray.models import load_model
+        from toolformer_ray.models import load_model, pick_device
 
         label = model_label(model_path, taken)
-        lm = load_model(model_path, cfg.model.dtype, cfg.model.cache_dir, cfg.model.tiny_seed)
+        lm = load_model(model_path, cfg.model.dtype, cfg.model.cache_dir, cfg.model.tiny_seed,
+                        device=pick_device(cfg.inference.device))
         decoder = ToolDecoder(lm.model, lm.tokenizer, tools, markers, infer_cfg)
         try:
             for task, path, data in datasets:

@@ -119,6 +119,9 @@ class MTOptions(ToolOptions):
     batch_size: int = Field(8, gt=0)
     english_threshold: float = Field(0.9, gt=0.0, le=1.0)  # inputs at least this surely English: no result
     model_cache_dir: str | None = None  # where a remote model is downloaded
+    # "auto" = the GPU this worker has (tools.MT.worker_gpus), else the CPU; "cuda" without CUDA is
+    # an error.
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     # Pre-filter.
     min_chunk_letters: int = Field(8, gt=0)
     min_confidence: float = Field(0.8, ge=0.0, le=1.0)
@@ -144,8 +147,9 @@ class MT(Tool):
         import torch
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-        from toolformer_ray.models import resolve_model_dir
+        from toolformer_ray.models import pick_device, resolve_model_dir
 
+        device = pick_device(self.options.device)
         model_dir = resolve_model_dir(self.options.model, self.options.model_cache_dir)
         dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
         if self.options.dtype not in dtypes:
@@ -156,6 +160,7 @@ class MT(Tool):
                                                           use_safetensors=True, trust_remote_code=False)
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"MT: cannot load a seq2seq model from {self.options.model}: {e}") from None
+        model.to(device)
         model.eval()
         self._model = model
 
@@ -184,7 +189,7 @@ class MT(Tool):
                 enc = tok([texts[i] for i in chunk], return_tensors="pt", padding=True, truncation=True,
                           max_length=256)
                 with torch.inference_mode():
-                    generated = model.generate(**enc, **kwargs)
+                    generated = model.generate(**enc.to(model.device), **kwargs)
                 for i, text in zip(chunk, tok.batch_decode(generated, skip_special_tokens=True)):
                     results[i] = text
         return results

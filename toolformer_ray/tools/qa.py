@@ -62,6 +62,8 @@ class QAOptions(ToolOptions):
     batch_size: int = Field(8, gt=0)  # reader batch (left-padded)
     cache_dir: str | None = None  # index download cache
     model_cache_dir: str | None = None  # model conversion cache (default .cache/models)
+    # The reader's device: "auto" = the GPU this worker has (tools.QA.worker_gpus), else the CPU.
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 @register
@@ -76,12 +78,16 @@ class QA(Tool):
         self._lm = None
 
     def load(self) -> None:
+        from toolformer_ray.models import pick_device
+
+        device = pick_device(self.options.device)  # a missing GPU fails before any download
         if self._index is None:
             self._index = load_index(self.options.index, self.options.cache_dir)
         if self._lm is None:
             from toolformer_ray.models import load_model
 
-            self._lm = load_model(self.options.model, self.options.dtype, self.options.model_cache_dir)
+            opts = self.options
+            self._lm = load_model(opts.model, opts.dtype, opts.model_cache_dir, device=device)
 
     def _question(self, inp) -> str | None:
         q = unquote(inp) if isinstance(inp, str) else ""
@@ -111,8 +117,9 @@ class QA(Tool):
             width = max(len(x) for x in ids)
             pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
             # Left padding, so every row's next token is generated at the same position.
-            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
-            attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+            dev = model.device
+            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=dev)
+            attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=dev)
             with torch.inference_mode():
                 gen = model.generate(input_ids=input_ids, attention_mask=attention, do_sample=False,
                                      max_new_tokens=self.options.max_new_tokens, pad_token_id=pad)
