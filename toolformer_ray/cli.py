@@ -182,11 +182,13 @@ def verify(
     tolerance: Optional[float] = typer.Option(None, help="Allowed |recomputed - stored| (default: 1e-4 for "
                                                          "float32 runs, 0.15 for bf16 ones)."),
     model: Optional[str] = typer.Option(None, help="The run's model, if not at the path stored in the rows."),
+    rejected: int = typer.Option(20, help="Also re-score this many rejected candidates (a seeded sample)."),
 ):
     """Recompute the kept calls' losses from the output alone (plain full forwards) and re-check the filter."""
     from toolformer_ray.verify import verify_output
 
-    report, tol = verify_output(version, limit=limit, dtype=dtype, tolerance=tolerance, model_path=model)
+    report, tol = verify_output(version, limit=limit, dtype=dtype, tolerance=tolerance, model_path=model,
+                                rejected=rejected)
     typer.echo(report.describe(tol))
     if not report.ok:
         raise typer.Exit(1)
