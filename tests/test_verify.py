@@ -85,3 +85,18 @@ def test_verify_catches_tampered_rows(bos_run, tmp_path):
     for k, (table, column, change, where, field) in cases.items():
         bad, _ = verify_output(_tamper(bos_run, tmp_path / k, table, column, change, where))
         assert not bad.ok and getattr(bad, field), (k, bad.describe(1e-4))
+
+
+@pytest.mark.slow
+def test_code_version_is_recorded_in_manifest_records_and_rows(bos_run):
+    import pyarrow.dataset as pads
+
+    from toolformer_ray.version import code_version
+
+    version = code_version()
+    assert version.startswith("0.") and ("+git." in version or "+src." in version)
+    manifest = json.loads((Path(bos_run) / "manifest.json").read_text())
+    assert manifest["code_version"] == version and manifest["code_versions"] == [version]
+    for table in ("calls", "candidates"):
+        rows = pads.dataset(f"{bos_run}/{table}", format="parquet").to_table().column("code_version")
+        assert len(rows) and set(rows.to_pylist()) == {version}
