@@ -203,7 +203,7 @@ def bench(
     docs: int = typer.Option(32, help="Documents to time."),
     output: str = typer.Option("benchmarks/results", help="Where the JSON goes."),
 ):
-    """Benchmarks: throughput vs forward-pass roofline, fast vs brute force, KV-resume decoding, scaling."""
+    """Benchmarks: throughput vs the compute floor and a naive HF baseline, fast vs brute force, KV-resume decoding, scaling."""
     cfg = _config(config, overrides)
     from toolformer_ray.bench import run_bench
 
