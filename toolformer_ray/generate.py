@@ -386,7 +386,8 @@ def run_generate(cfg: Config, use_ray: bool = True, progress: bool = True) -> Ge
     manifest["config_hash_covers"] = cfg.hashed_dict()
     # every code version whose rows the version holds: more than one is said, never silently mixed
     manifest["code_version"] = code_version()
-    manifest["code_versions"] = sorted({str(r.get("code_version")) for r in store.readable_units().values()})
+    records = store.readable_units().values()
+    manifest["code_versions"] = sorted({str(r.get("code_version")) for r in records})
     if len(manifest["code_versions"]) > 1:
         print(f"[generate] {store.uri()} holds rows of several code versions: "
               f"{', '.join(manifest['code_versions'])}", file=sys.stderr)
@@ -563,7 +564,8 @@ def _commit_shard(cfg: Config, w: ShardWork, store, model: dict, config_hash: st
         "quarantine": pa.Table.from_pylist(w.quarantine, QUARANTINE_SCHEMA),
     }
     # (the write itself cannot be timed inside the record it writes: the driver sums it into the run's info)
-    record = {**w.plan.shard.to_dict(), "code_version": common["code_version"], "funnel": funnel, "documents": len(w.docs), "p_api_hist": w.p_api_hist,
+    record = {**w.plan.shard.to_dict(), "code_version": common["code_version"],
+              "funnel": funnel, "documents": len(w.docs), "p_api_hist": w.p_api_hist,
               "timings": {k: round(v, 3) for k, v in w.timings.items()}}
     t = time.perf_counter()
     store.write_shard(shard_id, tables, record, max_docs=w.plan.max_docs)

@@ -1,9 +1,9 @@
-"""The code version recorded in every output's manifest and commit records and in every call row, so that
-rows of two code versions are never mixed silently (a nightly run after an upgrade shows up as such).
+"""The code version recorded in every output's manifest and commit records and in every call row, so
+that rows of two code versions are never mixed silently (a nightly run after an upgrade shows up).
 
     "<package version>+git.<commit>"   from a clean git checkout of the package
-    "<package version>+src.<hash>"     otherwise: a hash of the package's source files (an installed wheel,
-                                       or a checkout with uncommitted changes to the package)
+    "<package version>+src.<hash>"     otherwise: a hash of the package's source files (an installed
+                                       wheel, or a checkout with uncommitted changes to the package)
 """
 from __future__ import annotations
 
@@ -39,8 +39,9 @@ def _git_commit() -> str | None:
 def source_hash() -> str:
     """sha256 over the package's Python sources and bundled prompts (paths and contents)."""
     h = hashlib.sha256()
-    for path in sorted(p for p in PACKAGE_DIR.rglob("*") if p.is_file() and p.suffix in (".py", ".txt", ".json")
-                       and "__pycache__" not in p.parts):
+    files = (p for p in PACKAGE_DIR.rglob("*")
+             if p.is_file() and p.suffix in (".py", ".txt", ".json") and "__pycache__" not in p.parts)
+    for path in sorted(files):
         h.update(str(path.relative_to(PACKAGE_DIR)).encode() + b"\0")
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
@@ -49,4 +50,5 @@ def source_hash() -> str:
 @lru_cache(maxsize=1)
 def code_version() -> str:
     commit = _git_commit()
-    return f"{_package_version()}+git.{commit[:12]}" if commit else f"{_package_version()}+src.{source_hash()}"
+    version = _package_version()
+    return f"{version}+git.{commit[:12]}" if commit else f"{version}+src.{source_hash()}"
