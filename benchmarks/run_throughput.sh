@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
-# The throughput / roofline and brute-force benchmarks of benchmarks/RESULTS.md (default model, bf16).
+# The throughput (compute floor, naive HF baseline) and brute-force benchmarks of benchmarks/RESULTS.md
+# (default model, bf16). Document counts can be lowered for a quick run, e.g.
+#   DOCS_DEFAULT=12 DOCS_CALC=6 BRUTEFORCE=0 OUT=/tmp/bench bash benchmarks/run_throughput.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TR=.venv/bin/toolformer-ray
+TR=${TR:-.venv/bin/toolformer-ray}
+DOCS_DEFAULT=${DOCS_DEFAULT:-32}
+DOCS_CALC=${DOCS_CALC:-16}
+BRUTEFORCE=${BRUTEFORCE:-1}
 $TR index data/passages.jsonl runs/index/passages >/dev/null
-# the paper's default preset (tau_s 0.05, k 5, m 5) on WikiSearch, 32 bundled documents
+# the paper's default preset (tau_s 0.05, k 5, m 5) on WikiSearch, bundled documents
 $TR bench -s 'tools={WikiSearch: {options: {index: runs/index/passages}}}' -s ray.torch_threads=2 \
-  --docs 32 --which throughput --output benchmarks/results
+  --docs "$DOCS_DEFAULT" --which throughput --output "${OUT:-benchmarks/results}"
 # the calculator preset as the competitor ran it (tau_s 0, k 20, m 5), every document annotated (no pre-filter)
 $TR bench -s 'tools={Calculator: {k: 20, m: 5, prefilter: false}}' -s ray.torch_threads=2 \
-  --docs 16 --which throughput --output benchmarks/results
-# fast path vs the brute-force reference on the same documents (k 5, m 2 keeps the reference affordable)
-$TR bench -s 'tools={Calculator: {k: 5, m: 2, prefilter: false}}' -s ray.torch_threads=2 \
-  --docs 2 --which bruteforce --output benchmarks/results
+  --docs "$DOCS_CALC" --which throughput --output "${OUT:-benchmarks/results}"
+if [ "$BRUTEFORCE" = 1 ]; then
+  # fast path vs the brute-force reference on the same documents (k 5, m 2 keeps the reference affordable)
+  $TR bench -s 'tools={Calculator: {k: 5, m: 2, prefilter: false}}' -s ray.torch_threads=2 \
+    --docs 2 --which bruteforce --output "${OUT:-benchmarks/results}"
+fi

@@ -1,17 +1,58 @@
 """Brute-force reference of the method: one sequence at a time, plain loops, no KV cache, no truncation.
 
-Everything here follows the definitions literally, so the fast batched path can be checked against it.
+Everything here follows the definitions literally and is built from raw text: P(x) is the tool's prompt
+text with x written into it ("Input: x\\nOutput: x_<i", the paper's appendix A.2 format), tokenized as a
+whole; calls are rendered here in the paper's format ("[Tool(input) -> result]"). Only the model (and its
+tokenizer) and the per-row random stream are shared with the fast path, so the fast path can be checked
+against it.
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
-from toolformer_ray.api_text import Markers, render
-from toolformer_ray.core.sampling import row_rng
+from toolformer_ray.core.sampling import row_rng  # the random stream: the same draws, so samples compare
 
 WEIGHTS_REF = [w / 3.0 for w in (1.0, 0.8, 0.6, 0.4, 0.2)]  # w~_t = 1 - 0.2t, sum = 3
+START, RESULT, END = " [", " ->", "]"  # the paper's markers, as the prompt files write them
+_EXAMPLE_CALL = re.compile(r" \[([A-Za-z_]\w*)\(([^()\n]*)\)(?: -> ([^\]\n]*))?\]")
 
 
+# ------------------------------------------------------------------------------------------ text
+def render_ref(tool: str, arg: str, result: str | None, start: str = START, result_marker: str = RESULT,
+               end: str = END) -> str:
+    """e(c, r) = " [Tool(input) -> r]", or e(c, empty) = " [Tool(input) ->]" when result is None."""
+    tail = f"{result_marker} {result}" if result is not None else result_marker
+    return f"{start}{tool}({arg}){tail}{end}"
+
+
+def prompt_ref(prompt: str, start: str = START, result_marker: str = RESULT, end: str = END) -> str:
+    """The prompt text with its example calls written with the given markers."""
+    def one(m):
+        tail = "" if m.group(3) is None else f"{result_marker} {m.group(3)}"
+        return f"{start}{m.group(1)}({m.group(2)}){tail}{end}"
+    return _EXAMPLE_CALL.sub(one, prompt)
+
+
+def doc_ids_ref(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
+
+
+def context_ids_ref(tokenizer, prompt: str, text: str, i: int) -> list[int]:
+    """[P(x), x_<i] as text, tokenized as a whole (with BOS if the tokenizer adds one): the prompt with x
+    written into its input and output, then x up to the end of its token i-1. At i = 0 the context ends at
+    "Output:": the call's marker " [" brings its own space (the augmented text reads "Output: [...] x")."""
+    _, offsets = doc_ids_ref(tokenizer, text)
+    cut = 0 if i == 0 else offsets[i - 1][1]
+    full = prompt.replace("{text}", text, 1) + text[:cut]
+    if i == 0:
+        full = full.rstrip(" ")
+    return tokenizer(full, add_special_tokens=True)["input_ids"]
+
+
+# ------------------------------------------------------------------------------------------ model
 @torch.no_grad()
 def next_token_logprobs(model, ids: list[int]) -> torch.Tensor:
     """log p(. | ids) from a full forward over `ids` (no cache)."""
@@ -19,20 +60,14 @@ def next_token_logprobs(model, ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, -1)
 
 
-def p_api_ref(model, context: list[int], marker_ids: list[int]) -> float:
-    """p(API-start | context): the product over the marker's tokens, each from a fresh forward."""
+def start_logprob_ref(model, tokenizer, prompt: str, text: str, i: int, start: str = START) -> float:
+    """log p_i = log p(API-start | P(x), x_<i): the sum over the marker's tokens, each from a fresh forward."""
+    ids = context_ids_ref(tokenizer, prompt, text, i)
     total = 0.0
-    ids = list(context)
-    for tok in marker_ids:
+    for tok in tokenizer(start, add_special_tokens=False)["input_ids"]:
         total += float(next_token_logprobs(model, ids)[tok])
         ids.append(tok)
-    return float(torch.tensor(total).exp())
-
-
-def start_probs_ref(model, prefix_ids: list[int], input_ids: list[int], doc_ids: list[int],
-                    marker_ids: list[int]) -> list[float]:
-    """p_i for every position i of the document: context = [P(x), x_<i]."""
-    return [p_api_ref(model, prefix_ids + input_ids + doc_ids[:i], marker_ids) for i in range(len(doc_ids))]
+    return total
 
 
 _NLL_MEMO: dict = {}
@@ -70,14 +105,29 @@ def loss_ref(model, bos: list[int], prefix_ids: list[int], doc_ids: list[int], i
     return total
 
 
-def sample_ref(model, tokenizer, context: list[int], marker_ids: list[int], markers: Markers, seed: int, key: str,
-               temperature: float, max_tokens: int, eos_id) -> str:
+def loss_text_ref(model, tokenizer, prefix: str, text: str, i: int) -> float:
+    """L_i(z) from text: z (e.g. "[Calculator(5 + 7) -> 12]\\n", or "" for no call) and the document x,
+    each tokenized on its own (DESIGN.md), the prefix with the tokenizer's BOS if it adds one."""
+    head = tokenizer(prefix, add_special_tokens=True)["input_ids"]
+    return loss_ref(model, [], head, doc_ids_ref(tokenizer, text)[0], i)
+
+
+def prefix_ref(tool: str, arg: str, result: str | None, separator: str) -> str:
+    """The scored prefix: the call at the very start of the text (no leading space), then the separator."""
+    return render_ref(tool, arg, result).lstrip() + separator
+
+
+def closed_ref(text: str) -> bool:
+    """Has a sampled continuation reached "]" or "->" (the end or result marker), or a new line?"""
+    return "]" in text or "->" in text or "\n" in text
+
+
+def sample_ref(model, tokenizer, context: list[int], seed: int, key: str, temperature: float,
+               max_tokens: int, start: str = START) -> str:
     """One sampled continuation after the marker, token by token with full forwards, using the same
     per-row random stream (inverse CDF of the row's uniform draws) as the fast path."""
-    from toolformer_ray.api_text import call_closed
-
     rng = row_rng(seed, key)
-    ids = list(context) + list(marker_ids)
+    ids = list(context) + tokenizer(start, add_special_tokens=False)["input_ids"]
     gen: list[int] = []
     for _ in range(max_tokens):
         logp = next_token_logprobs(model, ids)
@@ -91,13 +141,6 @@ def sample_ref(model, tokenizer, context: list[int], marker_ids: list[int], mark
             tok = min(tok, len(probs) - 1)
         gen.append(tok)
         ids.append(tok)
-        text = tokenizer.decode(gen)
-        if tok == eos_id or call_closed(text, markers) or "\n" in text:
+        if tok == tokenizer.eos_token_id or closed_ref(tokenizer.decode(gen)):
             break
     return tokenizer.decode(gen)
-
-
-def prefix_string_ref(call, result, markers: Markers, separator: str, with_result: bool) -> str:
-    if with_result:
-        return render(call, markers, result=result).lstrip() + separator
-    return render(call, markers, with_result_marker=True).lstrip() + separator

@@ -35,6 +35,7 @@ def call_rows(shard: str, n: int) -> list[dict]:
         "prefix_no_result": "[Calculator(1+1) ->]\n", "inserted_text": " [Calculator(1+1) -> 2]",
         "loss_plus": 1.0, "loss_no_call": 2.5, "loss_call_no_result": 2.0, "tau_f": 0.5, "model": "tiny",
         "model_revision": "abc", "dtype": "float32", "config_hash": HASH, "schema_version": SCHEMA_VERSION,
+        "code_version": "0.1.0+src.test",
     } for i in range(n)]
 
 

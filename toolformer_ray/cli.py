@@ -190,11 +190,13 @@ def verify(
     tolerance: Optional[float] = typer.Option(None, help="Allowed |recomputed - stored| (default: 1e-4 for "
                                                          "float32 runs, 0.15 for bf16 ones)."),
     model: Optional[str] = typer.Option(None, help="The run's model, if not at the path stored in the rows."),
+    rejected: int = typer.Option(20, help="Also re-score this many rejected candidates (a seeded sample)."),
 ):
     """Recompute the kept calls' losses from the output alone (plain full forwards) and re-check the filter."""
     from toolformer_ray.verify import verify_output
 
-    report, tol = verify_output(version, limit=limit, dtype=dtype, tolerance=tolerance, model_path=model)
+    report, tol = verify_output(version, limit=limit, dtype=dtype, tolerance=tolerance, model_path=model,
+                                rejected=rejected)
     typer.echo(report.describe(tol))
     if not report.ok:
         raise typer.Exit(1)
@@ -209,7 +211,7 @@ def bench(
     docs: int = typer.Option(32, help="Documents to time."),
     output: str = typer.Option("benchmarks/results", help="Where the JSON goes."),
 ):
-    """Benchmarks: throughput vs forward-pass roofline, fast vs brute force, KV-resume decoding, scaling."""
+    """Benchmarks: throughput vs the compute floor and a naive HF baseline, fast vs brute force, KV-resume decoding, scaling."""
     cfg = _config(config, overrides)
     from toolformer_ray.bench import run_bench
 

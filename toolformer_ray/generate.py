@@ -33,6 +33,7 @@ from toolformer_ray.core.merge import inserted_text, merge_documents
 from toolformer_ray.core.sampling import Candidate
 from toolformer_ray.core.types import Document
 from toolformer_ray.report import p_api_counts
+from toolformer_ray.version import code_version
 from toolformer_ray.schema import (CALLS_SCHEMA, CANDIDATES_SCHEMA, DOCUMENTS_SCHEMA, QUARANTINE_SCHEMA,
                                    SCHEMA_VERSION)
 
@@ -613,6 +614,13 @@ def run_generate(cfg: Config, use_ray: bool = True, progress: bool = True) -> Ge
                                           "shards": len(shards), "limit": cfg.corpus.limit},
                                   planned=[p.to_dict() for p in plans], run=run_info)
         manifest["config_hash_covers"] = cfg.hashed_dict()
+        # every code version whose rows the version holds: more than one is said, never silently mixed
+        manifest["code_version"] = code_version()
+        records = store.readable_units().values()
+        manifest["code_versions"] = sorted({str(r.get("code_version")) for r in records})
+        if len(manifest["code_versions"]) > 1:
+            print(f"[generate] {store.uri()} holds rows of several code versions: "
+                  f"{', '.join(manifest['code_versions'])}", file=sys.stderr)
         store.write_manifest(manifest)
         store.remove_uncommitted()
         if store.committed_units():
@@ -783,7 +791,7 @@ def _commit_shard(cfg: Config, w: ShardWork, store, model: dict, config_hash: st
             quota[tool] -= n
     shard_id = w.plan.shard.shard_id
     common = {"model": model["path"], "model_revision": model["revision"], "dtype": model["dtype"],
-              "config_hash": config_hash, "schema_version": SCHEMA_VERSION}
+              "config_hash": config_hash, "schema_version": SCHEMA_VERSION, "code_version": code_version()}
     source = {d.doc_id: d.source_id for d in w.docs}
     inserted = {id(s) for m in merged for s in m.calls}
     candidate_rows, call_rows = [], []
@@ -811,7 +819,8 @@ def _commit_shard(cfg: Config, w: ShardWork, store, model: dict, config_hash: st
         "quarantine": pa.Table.from_pylist(w.quarantine, QUARANTINE_SCHEMA),
     }
     # (the write itself cannot be timed inside the record it writes: the driver sums it into the run's info)
-    record = {**w.plan.shard.to_dict(), "funnel": funnel, "documents": len(w.docs), "p_api_hist": w.p_api_hist,
+    record = {**w.plan.shard.to_dict(), "code_version": common["code_version"],
+              "funnel": funnel, "documents": len(w.docs), "p_api_hist": w.p_api_hist,
               "timings": {k: round(v, 3) for k, v in w.timings.items()}}
     t = time.perf_counter()
     store.write_shard(shard_id, tables, record, max_docs=w.plan.max_docs)

@@ -33,6 +33,7 @@ CALL_FIELDS = [
     ("dtype", pa.string()),
     ("config_hash", pa.string()),
     ("schema_version", pa.int32()),
+    ("code_version", pa.string()),  # toolformer_ray.version.code_version() of the run that wrote the row
 ]
 CALLS_SCHEMA = pa.schema(CALL_FIELDS)
 CANDIDATES_SCHEMA = pa.schema(CALL_FIELDS + [("kept", pa.bool_())])

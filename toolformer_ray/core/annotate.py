@@ -119,7 +119,7 @@ class Annotator:
             docs += [batch[b] for b in used]
             docs_t += [part_docs_t[b] for b in used]
             selected += [(new_index[b], i) for b, i in part_sel]
-        rows = [DecodeRow(doc=b, ctx_len=sp.doc_offset[b] + i, seed_key=f"{docs[b].doc_id}|{name}|{i}|{j}")
+        rows = [DecodeRow(doc=b, ctx_len=sp.ctx_at[b][i], seed_key=f"{docs[b].doc_id}|{name}|{i}|{j}")
                 for b, i in selected for j in range(tc.m)]
         counts["calls_sampled"] += len(rows)
         outs = []
@@ -145,18 +145,18 @@ class Annotator:
 
     def _full_marker_probs(self, sp, docs_t) -> list[list[float]]:
         """p_i of a multi-token start marker: p(first token) times the later tokens' probabilities, from
-        one batched prefill of the marker at every position (a cache slice per position, nothing re-encoded)."""
+        one batched prefill of the marker at every usable position (a cache slice each, nothing re-encoded)."""
         probs = [list(p) for p in sp.probs]
-        rows = [DecodeRow(doc=b, ctx_len=sp.doc_offset[b] + i, seed_key="")
-                for b, d in enumerate(docs_t) for i in range(len(d.ids))]
-        for s in range(0, len(rows), self.batch_rows):
-            chunk = rows[s:s + self.batch_rows]
-            outs = decode_calls(self.model, self.tokenizer, sp, chunk, self.marker_ids, self.markers,
+        where = [(b, i) for b, d in enumerate(docs_t) for i in range(len(d.ids))
+                 if sp.ctx_at[b][i] is not None and d.char_pos[i] is not None]
+        for s in range(0, len(where), self.batch_rows):
+            chunk = where[s:s + self.batch_rows]
+            rows = [DecodeRow(doc=b, ctx_len=sp.ctx_at[b][i], seed_key="") for b, i in chunk]
+            outs = decode_calls(self.model, self.tokenizer, sp, rows, self.marker_ids, self.markers,
                                 seed=0, temperature=0.0, top_p=1.0, max_tokens=0, eos_id=None, sample=False,
                                 log=self.work_log)
-            for r, out in zip(chunk, outs):
-                i = r.ctx_len - sp.doc_offset[r.doc]
-                probs[r.doc][i] = sp.probs[r.doc][i] * math.exp(out.marker_logprob)
+            for (b, i), out in zip(chunk, outs):
+                probs[b][i] = sp.probs[b][i] * math.exp(out.marker_logprob)
         return probs
 
     # ------------------------------------------------------------------------------------------- score

@@ -64,5 +64,7 @@ def merge_documents(docs: list[Document], scored: list[ScoredCall], markers: Mar
 
 
 def inserted_text(s: ScoredCall, markers: Markers) -> str:
-    """e(c, r) as it appears inline, e.g. " [Calculator(400/1400) -> 0.29]"."""
-    return render(s.cand.call, markers, result=s.cand.result)
+    """e(c, r) as it appears inline, e.g. " [Calculator(400/1400) -> 0.29]"; at the start of the text
+    (position 0, possible with a BOS tokenizer) without the marker's leading space: "[Calculator(...)] The"."""
+    text = render(s.cand.call, markers, result=s.cand.result)
+    return text.lstrip() if s.cand.char_pos == 0 else text

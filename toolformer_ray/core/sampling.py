@@ -7,9 +7,12 @@ For a tool with few-shot prompt P and a document x = x_1..x_n:
   3. at each i in I sample up to m calls from [P(x), x_<i, API-start], stopping at the end marker; calls that
      never close or do not parse are dropped, duplicates merged.
 
-P(x) is "<instructions and examples>Input: x\nOutput: ": the part before the document is the same for every
-document, so its KV cache is computed once per tool and reused; and the context of a call at position i is
-a prefix of step 1's sequence, so sampling starts from step 1's KV cache, sliced at i (nothing is re-encoded).
+P(x) is "<instructions and examples>Input: x\nOutput: ", and x is copied after it exactly as the examples
+write their outputs ("Output: " with its space, then x): the copy is tokenized as " x" in one piece, and p_i is
+read at the copy's token boundaries that coincide with x's own (the first word's token differs, " The" vs
+"The"; the boundaries after it coincide). The part before the document is the same for every document, so
+its KV cache is computed once per tool and reused; and the context of a call at position i is a prefix of
+step 1's sequence, so sampling starts from step 1's KV cache, sliced at i (nothing is re-encoded).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ LOGIT_CHUNK = 1024  # rows of float32 logits materialised at once (x vocab size)
 class TokenizedDoc:
     ids: list[int]  # the document's own tokens (encoded alone, no special tokens)
     char_pos: list[int | None]  # where a call inserted before token i goes; None: inside a word or character
+    offsets: list[tuple[int, int]] = field(default_factory=list)  # each token's character span in the text
 
 
 def tokenize_doc(tokenizer, text: str) -> TokenizedDoc:
@@ -51,7 +55,7 @@ def tokenize_doc(tokenizer, text: str) -> TokenizedDoc:
         if ok and prev_end == start and start < len(text):
             ok = not (text[start - 1].isalnum() and text[start].isalnum())
         char_pos.append(prev_end if ok else None)
-    return TokenizedDoc(ids=ids, char_pos=char_pos)
+    return TokenizedDoc(ids=ids, char_pos=char_pos, offsets=[tuple(o) for o in offsets])
 
 
 # ----------------------------------------------------------------------------------------------- prompts
@@ -79,19 +83,35 @@ class ToolPrompt:
     """A tool's few-shot prompt, tokenized, with the KV cache of the part shared by all documents."""
     tool: str
     prefix_ids: list[int]  # [BOS] + instructions and examples, up to "Input:"
+    input_lead: str  # " ": the spaces the prompt writes before the input copy ("Input: ")
     suffix_text: str  # "\nOutput:" (between the input copy and the output copy)
+    output_lead: str  # " ": the spaces the prompt writes before the output copy ("Output: ")
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer [kv_heads, P, head_dim]
 
     @classmethod
     def build(cls, tool: str, prompt: str, tokenizer, markers: Markers, bos: list[int]) -> "ToolPrompt":
         before, after = split_prompt(prompt, markers)
-        # Trailing spaces move to the next piece, so "Input: The" tokenizes as it would in running text.
-        return cls(tool=tool, prefix_ids=bos + encode(tokenizer, before.rstrip(" ")),
-                   suffix_text=after.rstrip(" "))
+        # Trailing spaces move to the next piece, so "Input: The" tokenizes as it does in running text
+        # (" The" is one token); they are kept, so the model reads exactly the examples' format.
+        head, tail = before.rstrip(" "), after.rstrip(" ")
+        return cls(tool=tool, prefix_ids=bos + encode(tokenizer, head), input_lead=before[len(head):],
+                   suffix_text=tail, output_lead=after[len(tail):])
 
     def input_ids(self, tokenizer, text: str) -> list[int]:
         """The per-document tokens between the shared prefix and the document's output copy."""
-        return encode(tokenizer, " " + text + self.suffix_text)
+        return encode(tokenizer, self.input_lead + text + self.suffix_text)
+
+    def output_copy(self, tokenizer, doc: "TokenizedDoc", text: str) -> tuple[list[int], list[int | None]]:
+        """The output copy's tokens (output_lead + x, encoded in one piece) and, for each position i of x's
+        own tokens, how many copy tokens precede it: the copy's boundary at the same character as x's
+        boundary before token i. None where the copy has no boundary there (its token spans it); such a
+        position is never sampled (p_i = 0)."""
+        lead = len(self.output_lead)
+        enc = tokenizer(self.output_lead + text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], [(a - lead, b - lead) for a, b in enc["offset_mapping"]]
+        at = {(offsets[j - 1][1], offsets[j][0]): j for j in range(1, len(ids))}
+        return ids, [0 if i == 0 else at.get((doc.offsets[i - 1][1], doc.offsets[i][0]))
+                     for i in range(len(doc.ids))]
 
     @torch.inference_mode()
     def ensure_kv(self, model) -> None:
@@ -106,7 +126,7 @@ class StartPass:
     """Output of the teacher-forced pass for a batch of documents."""
     probs: list[list[float]]  # p_i (first marker token) for each document position
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer [B, kv_heads, L, head_dim]: the rows' own part
-    doc_offset: list[int]  # index of document token 0 in each row (= length of the input copy)
+    ctx_at: list[list[int | None]]  # row tokens before position i (input copy + output copy up to i)
     prefix_len: int  # P: the shared prompt's length (row token t sits at absolute position P + t)
     prefix_kv: list[tuple[torch.Tensor, torch.Tensor]]  # the shared prompt's KV, [kv_heads, P, head_dim]
 
@@ -114,34 +134,36 @@ class StartPass:
 @torch.inference_mode()
 def start_pass(model, tokenizer, prompt: ToolPrompt, docs: list[TokenizedDoc], texts: list[str],
                start_id: int, pad_id: int, log: list | None = None) -> StartPass:
-    """One teacher-forced pass over [prompt, input copy, document] for a batch; `log` records the work
-    (for the benchmark's roofline)."""
+    """One teacher-forced pass over [prompt, input copy, output copy] for a batch; `log` records the work
+    (for the benchmark's naive baseline)."""
     prompt.ensure_kv(model)
     P = len(prompt.prefix_ids)
     inputs = [prompt.input_ids(tokenizer, t) for t in texts]
-    rows = [inp + d.ids for inp, d in zip(inputs, docs)]
+    copies = [prompt.output_copy(tokenizer, d, t) for d, t in zip(docs, texts)]
+    rows = [inp + ids for inp, (ids, _) in zip(inputs, copies)]
+    ctx_at = [[None if j is None else len(inp) + j for j in at] for inp, (_, at) in zip(inputs, copies)]
     ids = pad_batch(rows, pad_id)  # right padding: causal attention keeps it out of real tokens' way
     B, L = ids.shape
     if log is not None:
         log.append(("start", [len(r) for r in rows], P))
     cache = RowKV.empty(model, B, L)
     hidden = prefix_forward(model, ids, cache, prompt.kv, (P + torch.arange(L)).expand(B, L))
-    # The hidden state at row index len(input)-1+i predicts document token i: p_i = its prob of API-start.
-    row_idx, pos_idx = [], []
-    for b, (inp, d) in enumerate(zip(inputs, docs)):
-        row_idx += [b] * len(d.ids)
-        pos_idx += range(len(inp) - 1, len(inp) - 1 + len(d.ids))
+    # The hidden state at row index ctx - 1 predicts what follows the context: p_i = its prob of API-start.
+    row_idx, pos_idx, where = [], [], []
+    for b, at in enumerate(ctx_at):
+        for i, ctx in enumerate(at):
+            if ctx is not None:
+                row_idx.append(b)
+                pos_idx.append(ctx - 1)
+                where.append((b, i))
     flat = hidden[torch.tensor(row_idx, dtype=torch.long, device=hidden.device),
                   torch.tensor(pos_idx, dtype=torch.long, device=hidden.device)]
     p_flat = torch.cat([torch.softmax(logits_from_hidden(model, flat[s:s + LOGIT_CHUNK]), -1)[:, start_id]
                         for s in range(0, len(flat), LOGIT_CHUNK)]) if len(flat) else torch.zeros(0)
-    p_list = p_flat.double().cpu().tolist()
-    probs, k = [], 0
-    for d in docs:
-        probs.append(p_list[k:k + len(d.ids)])
-        k += len(d.ids)
-    return StartPass(probs=probs, kv=cache.layers(), doc_offset=[len(inp) for inp in inputs], prefix_len=P,
-                     prefix_kv=prompt.kv)
+    probs = [[0.0] * len(d.ids) for d in docs]
+    for (b, i), p in zip(where, p_flat.double().cpu().tolist()):
+        probs[b][i] = p
+    return StartPass(probs=probs, kv=cache.layers(), ctx_at=ctx_at, prefix_len=P, prefix_kv=prompt.kv)
 
 
 def merge_passes(parts: list[tuple[StartPass, list[int]]]) -> StartPass:
@@ -160,7 +182,7 @@ def merge_passes(parts: list[tuple[StartPass, list[int]]]) -> StartPass:
         layers.append((torch.cat(ks), torch.cat(vs)))
     first = parts[0][0]
     return StartPass(probs=[sp.probs[b] for sp, docs in parts for b in docs], kv=layers,
-                     doc_offset=[sp.doc_offset[b] for sp, docs in parts for b in docs],
+                     ctx_at=[sp.ctx_at[b] for sp, docs in parts for b in docs],
                      prefix_len=first.prefix_len, prefix_kv=first.prefix_kv)
 
 
@@ -176,7 +198,7 @@ def select_positions(probs: list[float], doc: TokenizedDoc, tau_s: float, k: int
 @dataclass
 class DecodeRow:
     doc: int  # row of the StartPass batch
-    ctx_len: int  # context after the shared prompt: input copy + x_<i (row tokens of the StartPass)
+    ctx_len: int  # context after the shared prompt: input copy + output copy of x_<i (StartPass.ctx_at)
     seed_key: str  # identifies the sample, for a per-row random stream independent of batching
 
 
@@ -231,7 +253,7 @@ def decode_calls(model, tokenizer, sp: StartPass, rows: list[DecodeRow], marker_
         later = torch.tensor([marker_ids[1:]] * R, device=lp.device)[:, :, None]
         marker_lp = lp.gather(2, later).squeeze(2).double().sum(1).cpu()
     outs = [DecodeOut("", float(marker_lp[r])) for r in range(R)]
-    steps = [R]  # rows fed at each forward (for the benchmark's roofline)
+    steps = [R]  # rows fed at each forward (for the benchmark's naive baseline)
     if log is not None:
         log.append(("decode", sp.prefix_len, [r.ctx_len for r in rows], M, steps))
     if not sample:

@@ -81,6 +81,19 @@ def token_nll(model, requests: list[NllRequest], pad_id: int, batch_tokens: int 
     return results
 
 
+def packed_mask(model, allowed: torch.Tensor) -> torch.Tensor:
+    """[B, 1, W, W] additive mask in the model's dtype (0 where attending is allowed, the dtype's minimum
+    elsewhere). Eager and flex attention ADD a 4-D mask to the scores while SDPA reads a boolean one as
+    "attend", so only the additive form means the same to all three; flash attention takes no 4-D mask."""
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if "flash" in impl:
+        raise ValueError(f"packed scoring needs a 4-D attention mask, which {impl!r} does not take: "
+                         "load the model with eager or sdpa attention")
+    dtype = model.dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
 @torch.inference_mode()
 def _nll_batch(model, requests, batch: list[list[int]], length: dict, width: int, pad_id: int, results) -> None:
     B = len(batch)
@@ -104,8 +117,8 @@ def _nll_batch(model, requests, batch: list[list[int]], length: dict, width: int
     # a token sees the earlier tokens of its own sequence only (padding sees itself, so no row is empty)
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     same = segment[:, :, None] == segment[:, None, :]
-    mask = (causal[None] & same)[:, None]
-    hidden, _ = hidden_states(model, ids, attention_mask=mask, position_ids=pos)
+    hidden, _ = hidden_states(model, ids, attention_mask=packed_mask(model, causal[None] & same),
+                              position_ids=pos)
     dev = hidden.device
     picked = hidden[torch.tensor(row_idx, device=dev), torch.tensor(pos_idx, device=dev)]
     tgt_t = torch.tensor(tgt, device=dev)

@@ -2,8 +2,11 @@
 
 The Wikipedia-derived corpus has few sentences where a number is the result of an operation on two
 others, so the learning-outcome run adds generated documents (narratives and question/answer pairs with
-the result written out). The evaluation set uses other names, items and templates than the documents, so
-a fine-tuned model cannot pass it by recalling training sentences.
+the result written out). The evaluation set is IN-DISTRIBUTION: its questions come from the same four
+question templates (`_question`) and the same number ranges (`_problem`) as the training documents' question/
+answer pairs; only the names and items differ (EVAL_NAMES, EVAL_ITEMS), and some evaluation problems repeat
+a training problem's numbers. A score on it says the model learned to call the calculator on this kind of
+question, not that it generalises to other wordings: MAWPS and GSM8K are the out-of-distribution sets.
 """
 from __future__ import annotations
 
@@ -80,7 +83,8 @@ def training_documents(n: int, seed: int = 0) -> list[dict]:
 
 
 def eval_set(n: int, seed: int = 1) -> list[dict]:
-    """Held-out word problems in GSM8K's jsonl format ({"question", "answer": "... #### N"})."""
+    """Word problems in GSM8K's jsonl format ({"question", "answer": "... #### N"}): held-out names and items,
+    the training documents' templates and number ranges (in-distribution, see the module's docstring)."""
     rng = random.Random(10_000 + seed)
     out = []
     for _ in range(n):
