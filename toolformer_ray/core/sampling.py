@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from toolformer_ray.api_text import ApiCall, Markers, call_closed, find_calls, parse_generated_call, render
-from toolformer_ray.core.lm import (DocContext, RowKV, cache_layers, encode, hidden_states, logits_from_hidden,
-                                    pad_batch, prefix_forward)
+from toolformer_ray.core.lm import (DocContext, PlainContext, RowKV, cache_layers, encode, hidden_states,
+                                    logits_from_hidden, pad_batch, plain_hidden, plain_path, prefix_forward)
 
 LOGIT_CHUNK = 1024  # rows of float32 logits materialised at once (x vocab size)
 
@@ -109,6 +109,7 @@ class StartPass:
     doc_offset: list[int]  # index of document token 0 in each row (= length of the input copy)
     prefix_len: int  # P: the shared prompt's length (row token t sits at absolute position P + t)
     prefix_kv: list[tuple[torch.Tensor, torch.Tensor]]  # the shared prompt's KV, [kv_heads, P, head_dim]
+    tokens: list[list[int]] | None = None  # plain path only (lm.plain_path; kv is None): prompt + row
 
 
 @torch.inference_mode()
@@ -116,7 +117,6 @@ def start_pass(model, tokenizer, prompt: ToolPrompt, docs: list[TokenizedDoc], t
                start_id: int, pad_id: int, log: list | None = None) -> StartPass:
     """One teacher-forced pass over [prompt, input copy, document] for a batch; `log` records the work
     (for the benchmark's roofline)."""
-    prompt.ensure_kv(model)
     P = len(prompt.prefix_ids)
     inputs = [prompt.input_ids(tokenizer, t) for t in texts]
     rows = [inp + d.ids for inp, d in zip(inputs, docs)]
@@ -124,8 +124,13 @@ def start_pass(model, tokenizer, prompt: ToolPrompt, docs: list[TokenizedDoc], t
     B, L = ids.shape
     if log is not None:
         log.append(("start", [len(r) for r in rows], P))
-    cache = RowKV.empty(model, B, L)
-    hidden = prefix_forward(model, ids, cache, prompt.kv, (P + torch.arange(L)).expand(B, L))
+    if plain_path(model):  # a family the shared-prefix attention cannot serve exactly (lm.prepare_model)
+        hidden, kv = plain_hidden(model, [prompt.prefix_ids + r for r in rows])[:, P:], None
+    else:
+        prompt.ensure_kv(model)
+        cache = RowKV.empty(model, B, L)
+        hidden = prefix_forward(model, ids, cache, prompt.kv, (P + torch.arange(L)).expand(B, L))
+        kv = cache.layers()
     # The hidden state at row index len(input)-1+i predicts document token i: p_i = its prob of API-start.
     row_idx, pos_idx = [], []
     for b, (inp, d) in enumerate(zip(inputs, docs)):
@@ -140,13 +145,18 @@ def start_pass(model, tokenizer, prompt: ToolPrompt, docs: list[TokenizedDoc], t
     for d in docs:
         probs.append(p_list[k:k + len(d.ids)])
         k += len(d.ids)
-    return StartPass(probs=probs, kv=cache.layers(), doc_offset=[len(inp) for inp in inputs], prefix_len=P,
-                     prefix_kv=prompt.kv)
+    return StartPass(probs=probs, kv=kv, doc_offset=[len(inp) for inp in inputs], prefix_len=P,
+                     prefix_kv=prompt.kv, tokens=None if kv is not None else [prompt.prefix_ids + r for r in rows])
 
 
 def merge_passes(parts: list[tuple[StartPass, list[int]]]) -> StartPass:
     """One StartPass holding the given documents (rows) of several passes of the same prompt, so their
     sampled calls decode in one batch (positions above tau_s can be rare: a pass alone may have few)."""
+    if parts[0][0].kv is None:  # plain path: the rows' tokens instead of their KV
+        return StartPass(probs=[sp.probs[b] for sp, docs in parts for b in docs], kv=None,
+                         doc_offset=[sp.doc_offset[b] for sp, docs in parts for b in docs],
+                         prefix_len=parts[0][0].prefix_len, prefix_kv=None,
+                         tokens=[sp.tokens[b] for sp, docs in parts for b in docs])
     width = max(sp.kv[0][0].shape[2] for sp, _ in parts)
     layers = []
     for layer in range(len(parts[0][0].kv)):
@@ -219,7 +229,8 @@ def decode_calls(model, tokenizer, sp: StartPass, rows: list[DecodeRow], marker_
     only the marker is fed (to get the probability of a multi-token marker's later tokens)."""
     R = len(rows)
     M = len(marker_ids)
-    context = DocContext(sp.kv, [r.doc for r in rows], [r.ctx_len for r in rows])
+    context = (DocContext(sp.kv, [r.doc for r in rows], [r.ctx_len for r in rows]) if sp.kv is not None
+               else PlainContext(model, [sp.tokens[r.doc][:sp.prefix_len + r.ctx_len] for r in rows]))
     cache = RowKV.empty(model, R, M + max(max_tokens, 1))  # only the rows' new tokens
     ctx = torch.tensor([r.ctx_len for r in rows], dtype=torch.long)
     pos = sp.prefix_len + ctx[:, None] + torch.arange(M)[None, :]
