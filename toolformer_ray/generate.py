@@ -56,8 +56,9 @@ class LMWorker:
         # Tools here only give prompts and pre-filters; their resources load on the tool workers.
         self.annotator = Annotator.from_config(lm, build_tools(cfg.enabled_tools()), cfg)
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> dict:
+        """The attention path the loaded model is served by (core.lm.prepare_model), for the manifest."""
+        return self.annotator.attention
 
     def sample(self, docs: list[Document]):
         t = time.perf_counter()
@@ -82,6 +83,7 @@ class LocalBackend:
 
     def __init__(self, cfg: Config, model_dir: str):
         self.worker = LMWorker(cfg.model_dump(mode="json"), model_dir, cfg.ray.torch_threads)
+        self.attention = self.worker.ready()
         self.capacity = 1
 
     def submit(self, method: str, *args):
@@ -128,7 +130,8 @@ class RayBackend:
         threads = rc.torch_threads or max(1, int(rc.lm_actor_cpus))
         cfg_json = cfg.model_dump(mode="json")
         self.actors = [actor.remote(cfg_json, model_dir, threads) for _ in range(rc.lm_actors)]
-        ray.get([a.ready.remote() for a in self.actors])  # fail early (model not loadable, no resources)
+        # fail early (model not loadable or refused, no resources); the path is the same on every actor
+        self.attention = ray.get([a.ready.remote() for a in self.actors])[0]
         self.load = {i: 0 for i in range(len(self.actors))}
         self.owner: dict = {}
         self.capacity = rc.lm_actors * rc.max_batches_per_actor
@@ -356,6 +359,7 @@ def run_generate(cfg: Config, use_ray: bool = True, progress: bool = True) -> Ge
             backend = LocalBackend(cfg, model_dir)
             executor = LocalToolExecutor(tools_cfg)
         if todo:
+            model["attention"] = backend.attention  # fast path, or plain forwards and why (manifest)
             _schedule(cfg, works, backend, executor, tokenizer, store, model, config_hash, quota, prog)
     finally:
         prog.close()
