@@ -29,17 +29,20 @@ PROMPT = ("Add calls to a Calculator API.\nInput: The sum is 5 + 7 = 12.\n"
 TEXTS = ["Out of 1400 people, 400 (29%) passed the test.", "Tokyo became the capital in 1868."]
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 
-FAMILIES = {  # name: (config, the path prepare_model must pick)
-    "llama_gqa": (lambda: T.LlamaConfig(num_key_value_heads=2, **SMALL), "fast"),
-    "qwen2": (lambda: T.Qwen2Config(num_key_value_heads=2, **SMALL), "fast"),
-    "mistral_window16": (lambda: T.MistralConfig(num_key_value_heads=2, sliding_window=16, **SMALL), "plain"),
-    "gemma2": (lambda: T.Gemma2Config(num_key_value_heads=2, head_dim=8, sliding_window=16, **SMALL), "plain"),
-    "phi3": (lambda: T.Phi3Config(num_key_value_heads=2, **SMALL), "fast"),
-    "gpt_neox": (lambda: T.GPTNeoXConfig(rotary_pct=0.25, **SMALL), "fast"),
-    "gpt2": (lambda: T.GPT2Config(n_embd=32, n_layer=2, n_head=4), "fast"),
-    "mpt_alibi": (lambda: T.MptConfig(d_model=32, n_layers=2, n_heads=4, expansion_ratio=2), "plain"),
-    "falcon": (lambda: T.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4), "plain"),
-    "bloom": (lambda: T.BloomConfig(hidden_size=32, n_layer=2, n_head=4), "plain"),
+FAMILIES = {  # name: (config, the path prepare_model must pick, the feature its reason names)
+    "llama_gqa": (lambda: T.LlamaConfig(num_key_value_heads=2, **SMALL), "fast", ""),
+    "qwen2": (lambda: T.Qwen2Config(num_key_value_heads=2, **SMALL), "fast", ""),
+    "mistral_window16": (lambda: T.MistralConfig(num_key_value_heads=2, sliding_window=16, **SMALL), "plain",
+                         "sliding-window"),
+    "gemma2": (lambda: T.Gemma2Config(num_key_value_heads=2, head_dim=8, sliding_window=16, **SMALL), "plain",
+               "soft-capping"),
+    "phi3": (lambda: T.Phi3Config(num_key_value_heads=2, **SMALL), "fast", ""),
+    "gpt_neox": (lambda: T.GPTNeoXConfig(rotary_pct=0.25, **SMALL), "fast", ""),
+    "gpt2": (lambda: T.GPT2Config(n_embd=32, n_layer=2, n_head=4), "fast", ""),
+    "mpt_alibi": (lambda: T.MptConfig(d_model=32, n_layers=2, n_heads=4, expansion_ratio=2), "plain", "ALiBi"),
+    "falcon": (lambda: T.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4), "plain",
+               "does not go through the attention interface"),
+    "bloom": (lambda: T.BloomConfig(hidden_size=32, n_layer=2, n_head=4), "plain", "ALiBi"),
 }
 
 
@@ -122,11 +125,11 @@ def run_paths(model, tok, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_path_equals_plain_forwards(family, tok, monkeypatch):
-    make_config, mode = FAMILIES[family]
+    make_config, mode, feature = FAMILIES[family]
     model = build(make_config(), tok)
     plan = prepare_model(model)
     assert plan.mode == mode, plan
-    assert (plan.reason == "") == (mode == "fast")
+    assert (plan.reason == "") == (mode == "fast") and feature in plan.reason
     assert plan.self_check_max_diff < 1e-3
     lm.KERNELS_USED.clear()
     run_paths(model, tok, monkeypatch)
