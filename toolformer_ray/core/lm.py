@@ -306,7 +306,7 @@ _register()
 # learned absolute positions). Everything else goes through plain forwards of the whole sequences
 # (`plain_hidden`, `PlainContext`; slower, exact by construction) or is refused. Never different numbers.
 SELF_CHECK_TOL = 1e-3  # max |log p diff|, float32
-_SELF_CHECK_LEN, _SELF_CHECK_PREFIX = 40, 12
+_SELF_CHECK_LEN, _SELF_CHECK_PREFIX = 64, 12
 
 
 class UnsupportedModel(UserError, ValueError):
@@ -428,9 +428,10 @@ def _float32_twin(model):
     torch.manual_seed(0)
     with torch.device(model.device):
         twin = type(model)._from_config(cfg, dtype=torch.float32).eval()
+    std = min(1.0, 4.0 / getattr(cfg, "hidden_size", 16) ** 0.5)  # logits of std ~4: peaked, not huge
     with torch.no_grad():
-        emb = twin.get_input_embeddings().weight
-        emb.normal_(0.0, 1.0, generator=torch.Generator(emb.device).manual_seed(0))
+        for emb in {twin.get_input_embeddings().weight, twin.get_output_embeddings().weight}:
+            emb.normal_(0.0, std, generator=torch.Generator(emb.device).manual_seed(0))
     return twin
 
 
