@@ -471,21 +471,25 @@ def _self_check_fast(model) -> float:
 
 @torch.inference_mode()
 def _self_check_plain(model) -> float:
-    """max |log p diff| of the plain paths (right-padded batch; left-padded rows continued from a cache)
-    vs one plain forward per sequence."""
+    """max |log p diff| of the plain paths (a right-padded batch; left-padded rows continued from the
+    model's cache, one of them leaving the batch) vs one plain forward per sequence."""
     n = _SELF_CHECK_LEN
     g = torch.Generator().manual_seed(0)
-    seqs = [torch.randint(0, model.config.vocab_size, (L,), generator=g).tolist() for L in (n, n - 7)]
+    seqs = [torch.randint(0, model.config.vocab_size, (L,), generator=g).tolist() for L in (n, n - 7, n - 3)]
     refs = [_log_probs(model, hidden_states(model, torch.tensor([s]))[0])[0] for s in seqs]
     h = plain_hidden(model, seqs)
     diff = max(float((_log_probs(model, h[b, :len(s)]) - r).abs().max())
                for b, (s, r) in enumerate(zip(seqs, refs)))
     ctx = PlainContext(model, [s[:len(s) - 4] for s in seqs])
     h2 = ctx.forward(torch.tensor([s[len(s) - 4:len(s) - 2] for s in seqs]))
-    h3 = ctx.forward(torch.tensor([s[len(s) - 2:len(s) - 1] for s in seqs]))
     for b, (s, r) in enumerate(zip(seqs, refs)):
-        got = _log_probs(model, torch.cat([h2[b], h3[b]]))
-        diff = max(diff, float((got - r[len(s) - 4:len(s) - 1]).abs().max()))
+        diff = max(diff, float((_log_probs(model, h2[b]) - r[len(s) - 4:len(s) - 2]).abs().max()))
+    kept = [0, 2]  # row 1 finished: it leaves the batch
+    ctx.keep(torch.tensor(kept))
+    h3 = ctx.forward(torch.tensor([seqs[b][len(seqs[b]) - 2:len(seqs[b]) - 1] for b in kept]))
+    for j, b in enumerate(kept):
+        got = _log_probs(model, h3[j])
+        diff = max(diff, float((got - refs[b][len(seqs[b]) - 2:len(seqs[b]) - 1]).abs().max()))
     return diff
 
 
