@@ -57,7 +57,7 @@ class LMWorker:
         self.annotator = Annotator.from_config(lm, build_tools(cfg.enabled_tools()), cfg)
 
     def ready(self) -> dict:
-        """The attention path the loaded model is served by (core.lm.prepare_model), for the manifest."""
+        """The attention path the loaded model is served by (core.lm.prepare_model): manifest."""
         return self.annotator.attention
 
     def sample(self, docs: list[Document]):
@@ -130,7 +130,7 @@ class RayBackend:
         threads = rc.torch_threads or max(1, int(rc.lm_actor_cpus))
         cfg_json = cfg.model_dump(mode="json")
         self.actors = [actor.remote(cfg_json, model_dir, threads) for _ in range(rc.lm_actors)]
-        # fail early (model not loadable or refused, no resources); the path is the same on every actor
+        # fail early (model not loadable or refused, no resources); every actor has the same path
         self.attention = ray.get([a.ready.remote() for a in self.actors])[0]
         self.load = {i: 0 for i in range(len(self.actors))}
         self.owner: dict = {}
@@ -359,7 +359,7 @@ def run_generate(cfg: Config, use_ray: bool = True, progress: bool = True) -> Ge
             backend = LocalBackend(cfg, model_dir)
             executor = LocalToolExecutor(tools_cfg)
         if todo:
-            model["attention"] = backend.attention  # fast path, or plain forwards and why (manifest)
+            model["attention"] = backend.attention  # fast path, or plain forwards and why
             _schedule(cfg, works, backend, executor, tokenizer, store, model, config_hash, quota, prog)
     finally:
         prog.close()

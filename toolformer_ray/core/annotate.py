@@ -38,7 +38,8 @@ class Annotator:
         self.max_call_tokens, self.batch_docs, self.batch_rows = max_call_tokens, batch_docs, batch_rows
         self.prefix_separator, self.batch_tokens = prefix_separator, batch_tokens
         self.work_log: list | None = None  # set to a list to record every forward's shape (benchmarks)
-        # fast path or plain forwards (or refused), self-checked once per loaded model (lm.prepare_model)
+        # fast path or plain forwards (or refused), self-checked once per loaded model
+        # (lm.prepare_model)
         self.attention = attention_plan(model).to_dict()
         self.bos = bos_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -47,9 +47,9 @@ def hidden_states(model, input_ids: torch.Tensor, past_key_values=None, attentio
     input_ids = input_ids.to(dev)
     attention_mask = attention_mask.to(dev) if attention_mask is not None else None
     position_ids = position_ids.to(dev) if position_ids is not None else None
-    out = decoder(model)(**_forward_kwargs(model, input_ids=input_ids, past_key_values=past_key_values,
-                                           attention_mask=attention_mask, position_ids=position_ids,
-                                           use_cache=use_cache))
+    out = decoder(model)(**_forward_kwargs(
+        model, input_ids=input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
+        position_ids=position_ids, use_cache=use_cache))
     return out.last_hidden_state, out.past_key_values
 
 
@@ -93,7 +93,7 @@ def pad_batch(rows: list[list[int]], pad_id: int) -> torch.Tensor:
 # new tokens, in a small preallocated buffer. The softmax parts are merged exactly by their log-sum-exp,
 # so the result equals attention over the concatenated sequence (checked against the reference).
 PREFIX_ATTENTION = "toolformer_shared_prefix"
-_ATTENTION_CALLS = [0]  # calls of shared_prefix_attention (a family that bypasses it is caught by this)
+_ATTENTION_CALLS = [0]  # calls of shared_prefix_attention: a family that bypasses it shows
 
 
 class RowKV:
@@ -181,7 +181,8 @@ class DocContext:
             vis = vis.reshape(self.n_docs, 1, per_doc * gq, self.width).to(device)
             # rows allocated 16-aligned (what the CUDA kernel needs), then viewed at the real width
             aligned = -(-self.width // _MASK_ALIGN) * _MASK_ALIGN
-            bias = torch.zeros(*vis.shape[:-1], aligned, dtype=dtype, device=device)[..., :self.width]
+            bias = torch.zeros(*vis.shape[:-1], aligned, dtype=dtype, device=device)
+            bias = bias[..., :self.width]
             bias.masked_fill_(~vis, float("-inf"))
             self._layout = (gq, slot.to(device), per_doc, bias)
         return self._layout[1:]
@@ -240,23 +241,26 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
 
 
 # The fused kernels of each device, each returning the log-sum-exp the parts are merged by. On CUDA:
-# PyTorch's memory-efficient kernel (arbitrary additive mask, the model's dtype, no materialised scores);
-# on CPU: the flash kernel. `FUSED_EVERYWHERE` (env TOOLFORMER_FUSED_ATTENTION=1) makes every part take
-# the fused kernel on CPU too, so tests run exactly the code path a GPU runs (masks, layout, merge).
+# PyTorch's memory-efficient kernel (arbitrary additive mask, the model's dtype, no materialised
+# scores); on CPU: the flash kernel. `FUSED_EVERYWHERE` (env TOOLFORMER_FUSED_ATTENTION=1) makes
+# every part take the fused kernel on CPU too, so tests run the code path a GPU runs (masks, layout,
+# merge).
 FUSED_EVERYWHERE = os.environ.get("TOOLFORMER_FUSED_ATTENTION", "") == "1"
 KERNELS_USED: set[str] = set()  # which kernels ran (the GPU check reports it)
 _MASK_ALIGN = 16  # the CUDA kernel wants the mask's rows 16-element aligned
 
 
 def _attend(q, k, v, bias, scale, fused: bool = True, causal: bool = False):
-    """(softmax(q k^T * scale + bias) v, float32 log-sum-exp of the scores). The fused CPU kernel wins on
-    long keys; plain float32 math wins on a few keys (a row's own new tokens), unless FUSED_EVERYWHERE."""
+    """(softmax(q k^T * scale + bias) v, float32 log-sum-exp of the scores). The fused CPU kernel
+    wins on long keys; plain float32 math wins on a few keys (a row's own new tokens), unless
+    FUSED_EVERYWHERE."""
     if q.device.type == "cuda":
         try:
             return _attend_cuda(q, k, v, bias, scale, causal)
         except RuntimeError as e:  # an unsupported shape/dtype: exact math below, said once
             if "math" not in KERNELS_USED:
-                log.warning("fused CUDA attention unavailable (%s); using float32 math", str(e)[:200])
+                log.warning("fused CUDA attention unavailable (%s); using float32 math",
+                            str(e)[:200])
     elif fused or causal or FUSED_EVERYWHERE:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
@@ -276,7 +280,7 @@ def _attend_cuda(q, k, v, bias, scale, causal):
     B, H, Q, _ = q.shape
     K = k.shape[2]
     k, v = k.expand(B, H, K, -1), v.expand(B, H, K, -1)
-    if 0 in k.stride()[:2]:  # grouped heads expanded over the (few) own tokens: the kernel wants strides
+    if 0 in k.stride()[:2]:  # grouped heads expanded over the (few) own tokens: give real strides
         k, v = k.contiguous(), v.contiguous()
     if bias is not None:
         bias = bias.to(q.dtype)
@@ -300,11 +304,12 @@ def _register() -> None:
 _register()
 
 
-# ------------------------------------------------------------------------ which families, which path
-# The shared-prefix attention above reimplements the attention step; it is exact only for plain causal
-# softmax attention with the model's own position encoding applied before it (RoPE of any static kind,
-# learned absolute positions). Everything else goes through plain forwards of the whole sequences
-# (`plain_hidden`, `PlainContext`; slower, exact by construction) or is refused. Never different numbers.
+# --------------------------------------------------------------------- which families, which path
+# The shared-prefix attention above reimplements the attention step; it is exact only for plain
+# causal softmax attention with the model's own position encoding applied before it (RoPE of any
+# static kind, learned absolute positions). Everything else goes through plain forwards of the whole
+# sequences (`plain_hidden`, `PlainContext`; slower, exact by construction) or is refused. Never
+# different numbers.
 SELF_CHECK_TOL = 1e-3  # max |log p diff|, float32
 _SELF_CHECK_LEN, _SELF_CHECK_PREFIX = 64, 12
 
@@ -317,7 +322,7 @@ class UnsupportedModel(UserError, ValueError):
 class AttentionPlan:
     mode: str  # "fast" (shared-prefix attention) or "plain" (plain forwards of whole sequences)
     reason: str  # why not fast ("" when fast)
-    max_context: int | None  # contexts longer than this change the model's RoPE: refused at run time
+    max_context: int | None  # longer contexts change the model's RoPE: refused at run time
     self_check_max_diff: float | None  # of the path chosen, vs a plain forward (max |log p diff|)
 
     def to_dict(self) -> dict:
@@ -325,7 +330,7 @@ class AttentionPlan:
 
 
 def fast_path_obstacle(config) -> str | None:
-    """The first feature of this config that the shared-prefix attention does not implement, or None."""
+    """The first feature of this config the shared-prefix attention does not implement, or None."""
     attn_cfg = getattr(config, "attn_config", None)
     alibi = getattr(config, "alibi", None) or (
         attn_cfg.get("alibi") if isinstance(attn_cfg, dict) else getattr(attn_cfg, "alibi", None))
@@ -368,13 +373,15 @@ def plain_path(model) -> bool:
 
 
 def prepare_model(model) -> AttentionPlan:
-    """Decide the path for a loaded model: the fast path if its config has no feature the fast path lacks
-    AND it passes a self-check (fast path vs a plain forward on a few dozen random tokens, on a float32
-    twin of the model: `_float32_twin`); else plain forwards, if those pass their own self-check; else
-    refuse (UnsupportedModel). Logs once when not fast; the plan is kept on the model."""
+    """Decide the path for a loaded model: the fast path if its config has no feature the fast path
+    lacks AND it passes a self-check (fast path vs a plain forward on a few dozen random tokens, on
+    a float32 twin of the model: `_float32_twin`); else plain forwards, if those pass their own
+    self-check; else refuse (UnsupportedModel). Logs once when not fast; the plan is kept on the
+    model."""
     cfg = model.config
     if getattr(cfg, "is_encoder_decoder", False):
-        raise UnsupportedModel(f"{cfg.model_type} is an encoder-decoder model; a causal LM is needed")
+        raise UnsupportedModel(f"{cfg.model_type} is an encoder-decoder model; a causal LM is "
+                               "needed")
     switch = rope_switch_length(cfg)
     reason = fast_path_obstacle(cfg)
     diff = None
@@ -393,11 +400,12 @@ def prepare_model(model) -> AttentionPlan:
         try:
             diff = _self_check_plain(twin)
         except Exception as e:
-            raise UnsupportedModel(f"{cfg.model_type} is not supported: {reason}, and plain forwards "
-                                   f"failed ({type(e).__name__}: {str(e)[:120]})") from None
+            failed = f"{type(e).__name__}: {str(e)[:120]}"
+            raise UnsupportedModel(f"{cfg.model_type} is not supported: {reason}, and plain "
+                                   f"forwards failed ({failed})") from None
         if diff > SELF_CHECK_TOL:
-            raise UnsupportedModel(f"{cfg.model_type} is not supported: {reason}, and batched plain "
-                                   f"forwards differ from single ones by {diff:.3g}")
+            raise UnsupportedModel(f"{cfg.model_type} is not supported: {reason}, and batched "
+                                   f"plain forwards differ from single ones by {diff:.3g}")
         plan = AttentionPlan("plain", reason, switch, diff)
         log.warning("%s: %s; using exact plain forwards (slower)", cfg.model_type, reason)
     model._toolformer_attention = plan
@@ -414,9 +422,10 @@ def check_context(model, length: int) -> None:
 
 
 def _float32_twin(model):
-    """A float32 model of the same class and config (two layers, small vocabulary, random weights with
-    peaked predictions) on the same device: the paths depend on the family's code and config, not on the
-    weights, and in bf16 rounding noise (~0.5 in log p on a 135M model) would hide a wrong path."""
+    """A float32 model of the same class and config (two layers, small vocabulary, random weights
+    with peaked predictions) on the same device: the paths depend on the family's code and config,
+    not on the weights, and in bf16 rounding noise (~0.5 in log p on a 135M model) would hide a
+    wrong path."""
     cfg = copy.deepcopy(model.config)
     n = min(2, cfg.num_hidden_layers)
     cfg.num_hidden_layers = n
@@ -428,7 +437,7 @@ def _float32_twin(model):
     torch.manual_seed(0)
     with torch.device(model.device):
         twin = type(model)._from_config(cfg, dtype=torch.float32).eval()
-    std = min(1.0, 4.0 / getattr(cfg, "hidden_size", 16) ** 0.5)  # logits of std ~4: peaked, not huge
+    std = min(1.0, 4.0 / getattr(cfg, "hidden_size", 16) ** 0.5)  # logits of std ~4: peaked
     with torch.no_grad():
         for emb in {twin.get_input_embeddings().weight, twin.get_output_embeddings().weight}:
             emb.normal_(0.0, std, generator=torch.Generator(emb.device).manual_seed(0))
@@ -441,8 +450,9 @@ def _log_probs(model, hidden):
 
 @torch.inference_mode()
 def _self_check_fast(model) -> float:
-    """max |log p diff| of the fast path (teacher-forced rows after a shared prefix, then rows continuing a
-    document context with a multi-token feed and a one-token step) vs one plain forward."""
+    """max |log p diff| of the fast path (teacher-forced rows after a shared prefix, then rows
+    continuing a document context with a multi-token feed and a one-token step) vs one plain
+    forward."""
     n, P = _SELF_CHECK_LEN, _SELF_CHECK_PREFIX
     g = torch.Generator().manual_seed(0)
     seq = torch.randint(0, model.config.vocab_size, (1, n), generator=g)
@@ -471,11 +481,12 @@ def _self_check_fast(model) -> float:
 
 @torch.inference_mode()
 def _self_check_plain(model) -> float:
-    """max |log p diff| of the plain paths (a right-padded batch; left-padded rows continued from the
-    model's cache, one of them leaving the batch) vs one plain forward per sequence."""
+    """max |log p diff| of the plain paths (a right-padded batch; left-padded rows continued from
+    the model's cache, one of them leaving the batch) vs one plain forward per sequence."""
     n = _SELF_CHECK_LEN
     g = torch.Generator().manual_seed(0)
-    seqs = [torch.randint(0, model.config.vocab_size, (L,), generator=g).tolist() for L in (n, n - 7, n - 3)]
+    seqs = [torch.randint(0, model.config.vocab_size, (L,), generator=g).tolist()
+            for L in (n, n - 7, n - 3)]
     refs = [_log_probs(model, hidden_states(model, torch.tensor([s]))[0])[0] for s in seqs]
     h = plain_hidden(model, seqs)
     diff = max(float((_log_probs(model, h[b, :len(s)]) - r).abs().max())
@@ -495,7 +506,7 @@ def _self_check_plain(model) -> float:
 
 # ------------------------------------------------------------------------------ plain-forward path
 def _forward_kwargs(model, **kwargs) -> dict:
-    """Drop position_ids for models that have none (ALiBi families compute positions from the mask)."""
+    """Drop position_ids for models without them (ALiBi families take positions from the mask)."""
     params = inspect.signature(decoder(model).forward).parameters
     if "position_ids" not in params:
         kwargs.pop("position_ids", None)
@@ -504,8 +515,8 @@ def _forward_kwargs(model, **kwargs) -> dict:
 
 @torch.inference_mode()
 def plain_hidden(model, rows: list[list[int]]) -> torch.Tensor:
-    """Final hidden states [B, W, H] of whole sequences, right-padded with a 2D mask (causal attention
-    keeps padding out of real tokens' way): the model's own forward, every feature of it included."""
+    """Final hidden states [B, W, H] of whole sequences, right-padded with a 2D mask (causal
+    attention keeps padding out of real tokens' way): the model's own forward, all its features."""
     check_context(model, max(len(r) for r in rows))
     ids = pad_batch(rows, 0)
     mask = torch.zeros(ids.shape, dtype=torch.long)
@@ -517,9 +528,9 @@ def plain_hidden(model, rows: list[list[int]]) -> torch.Tensor:
 
 
 class PlainContext:
-    """Rows continuing their own contexts through plain forwards: the first feed encodes each row's whole
-    context (left-padded, explicit positions, as `generate` does), later feeds go on from the model's own
-    cache. Stands in for DocContext when the model is on the plain path."""
+    """Rows continuing their own contexts through plain forwards: the first feed encodes each row's
+    whole context (left-padded, explicit positions, as `generate` does), later feeds go on from the
+    model's own cache. Stands in for DocContext when the model is on the plain path."""
 
     def __init__(self, model, contexts: list[list[int]]):
         self.model, self.contexts = model, contexts
@@ -548,8 +559,8 @@ class PlainContext:
             pos = self.next_pos[:, None] + torch.arange(q)
             self.next_pos = self.next_pos + q
         out = decoder(model)(**_forward_kwargs(
-            model, input_ids=ids.to(dev), attention_mask=self.mask.to(dev), position_ids=pos.to(dev),
-            past_key_values=self.cache, use_cache=True))
+            model, input_ids=ids.to(dev), attention_mask=self.mask.to(dev),
+            position_ids=pos.to(dev), past_key_values=self.cache, use_cache=True))
         self.cache = out.past_key_values
         return out.last_hidden_state[:, -q:]
 
@@ -566,7 +577,7 @@ def prefix_forward(model, input_ids: torch.Tensor, rows: RowKV, prefix_kv, posit
     """Final hidden states of `input_ids` [R, q] attending to the shared prefix (all of it), to the rows'
     document context if given, and to each row's own tokens (causally); appends their keys/values to `rows`.
     Either rows are empty and q tokens are fed at once, or one token per row is fed per step."""
-    if isinstance(doc_context, PlainContext):  # the plain path (attention_plan): no shared-prefix attention
+    if isinstance(doc_context, PlainContext):  # the plain path (attention_plan)
         return doc_context.forward(input_ids)
     check_context(model, int(position_ids.max()) + 1)
     dev = model.device

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from toolformer_ray.api_text import ApiCall, Markers, call_closed, find_calls, parse_generated_call, render
-from toolformer_ray.core.lm import (DocContext, PlainContext, RowKV, cache_layers, encode, hidden_states,
-                                    logits_from_hidden, pad_batch, plain_hidden, plain_path, prefix_forward)
+from toolformer_ray.core.lm import (DocContext, PlainContext, RowKV, cache_layers, encode,
+                                    hidden_states, logits_from_hidden, pad_batch, plain_hidden,
+                                    plain_path, prefix_forward)
 
 LOGIT_CHUNK = 1024  # rows of float32 logits materialised at once (x vocab size)
 
@@ -109,7 +110,7 @@ class StartPass:
     doc_offset: list[int]  # index of document token 0 in each row (= length of the input copy)
     prefix_len: int  # P: the shared prompt's length (row token t sits at absolute position P + t)
     prefix_kv: list[tuple[torch.Tensor, torch.Tensor]]  # the shared prompt's KV, [kv_heads, P, head_dim]
-    tokens: list[list[int]] | None = None  # plain path only (lm.plain_path; kv is None): prompt + row
+    tokens: list[list[int]] | None = None  # plain path only (kv is None): prompt + row tokens
 
 
 @torch.inference_mode()
@@ -124,7 +125,7 @@ def start_pass(model, tokenizer, prompt: ToolPrompt, docs: list[TokenizedDoc], t
     B, L = ids.shape
     if log is not None:
         log.append(("start", [len(r) for r in rows], P))
-    if plain_path(model):  # a family the shared-prefix attention cannot serve exactly (lm.prepare_model)
+    if plain_path(model):  # a family the shared-prefix attention cannot serve (lm.prepare_model)
         hidden, kv = plain_hidden(model, [prompt.prefix_ids + r for r in rows])[:, P:], None
     else:
         prompt.ensure_kv(model)
@@ -146,7 +147,8 @@ def start_pass(model, tokenizer, prompt: ToolPrompt, docs: list[TokenizedDoc], t
         probs.append(p_list[k:k + len(d.ids)])
         k += len(d.ids)
     return StartPass(probs=probs, kv=kv, doc_offset=[len(inp) for inp in inputs], prefix_len=P,
-                     prefix_kv=prompt.kv, tokens=None if kv is not None else [prompt.prefix_ids + r for r in rows])
+                     prefix_kv=prompt.kv,
+                     tokens=None if kv is not None else [prompt.prefix_ids + r for r in rows])
 
 
 def merge_passes(parts: list[tuple[StartPass, list[int]]]) -> StartPass:
@@ -229,8 +231,10 @@ def decode_calls(model, tokenizer, sp: StartPass, rows: list[DecodeRow], marker_
     only the marker is fed (to get the probability of a multi-token marker's later tokens)."""
     R = len(rows)
     M = len(marker_ids)
-    context = (DocContext(sp.kv, [r.doc for r in rows], [r.ctx_len for r in rows]) if sp.kv is not None
-               else PlainContext(model, [sp.tokens[r.doc][:sp.prefix_len + r.ctx_len] for r in rows]))
+    if sp.kv is not None:
+        context = DocContext(sp.kv, [r.doc for r in rows], [r.ctx_len for r in rows])
+    else:  # plain path (lm.PlainContext): each row's own tokens
+        context = PlainContext(model, [sp.tokens[r.doc][:sp.prefix_len + r.ctx_len] for r in rows])
     cache = RowKV.empty(model, R, M + max(max_tokens, 1))  # only the rows' new tokens
     ctx = torch.tensor([r.ctx_len for r in rows], dtype=torch.long)
     pos = sp.prefix_len + ctx[:, None] + torch.arange(M)[None, :]

@@ -63,7 +63,7 @@ def token_nll(model, requests: list[NllRequest], pad_id: int, batch_tokens: int 
     width = length[order[0]]
     rows: list[list[int]] = []  # request indices packed into each row
     free: list[int] = []
-    pack = not plain_path(model)  # a packed row's mask would drop e.g. a sliding window (lm.prepare_model)
+    pack = not plain_path(model)  # a packed row's mask would drop e.g. a sliding window
     for r in order:  # first fit decreasing
         for i, room in enumerate(free if pack else []):
             if length[r] <= room:
@@ -106,7 +106,7 @@ def _nll_batch(model, requests, batch: list[list[int]], length: dict, width: int
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     same = segment[:, :, None] == segment[:, None, :]
     mask = (causal[None] & same)[:, None]
-    if plain_path(model):  # one sequence a row (token_nll): the model's own causal mask, all its features
+    if plain_path(model):  # one sequence a row (token_nll): the model's own mask, all its features
         mask = (segment >= 0).long()
     hidden, _ = hidden_states(model, ids, attention_mask=mask, position_ids=pos)
     dev = hidden.device
