@@ -434,8 +434,9 @@ def _float32_twin(model):
             setattr(cfg, attr, getattr(cfg, attr)[:n])
     cfg.vocab_size = min(cfg.vocab_size, 512)
     cfg.pad_token_id = cfg.bos_token_id = cfg.eos_token_id = None
-    torch.manual_seed(0)
-    with torch.device(model.device):
+    cuda = [model.device] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), torch.device(model.device):  # callers' RNG untouched
+        torch.manual_seed(0)
         twin = type(model)._from_config(cfg, dtype=torch.float32).eval()
     std = min(1.0, 4.0 / getattr(cfg, "hidden_size", 16) ** 0.5)  # logits of std ~4: peaked
     with torch.no_grad():
