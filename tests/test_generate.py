@@ -123,6 +123,7 @@ def test_full_run_on_ray_writes_recomputable_rows(caller, corpus, tmp_path, ray_
     assert t["documents"]["n_calls"].sum() == len(t["calls"])
     manifest = json.loads(Path(summary.manifest).read_text())
     assert manifest["counts"]["shards_done"] == 3 and manifest["model"]["revision"]
+    assert manifest["model"]["attention"]["mode"] == "fast"  # the path the LM actors served it by
     f = manifest["funnel"]["Calculator"]
     assert f["docs_seen"] == 18 and f["kept_after_cap"] == len(t["calls"])
     assert Path(summary.report).is_file()

@@ -71,10 +71,12 @@ class LMWorker:
         # Tools here only give prompts and pre-filters; their resources load on the tool workers.
         self.annotator = Annotator.from_config(lm, build_tools(cfg.enabled_tools()), cfg)
 
-    def ready(self) -> str:
+    def ready(self) -> dict:
+        """Where this actor runs, and the attention path its model is served by
+        (core.lm.prepare_model): both go to the manifest and to error messages."""
         from toolformer_ray.models import node_name
 
-        return node_name()
+        return {"node": node_name(), "attention": self.annotator.attention}
 
     def sample(self, docs: list[Document]):
         _fault("hang_sample")
@@ -128,6 +130,7 @@ class LocalBackend:
 
     def __init__(self, cfg: Config, model_dir: str):
         self.worker = LMWorker(cfg.model_dump(mode="json"), model_dir, cfg.ray.torch_threads)
+        self.attention = self.worker.ready()["attention"]
         self.capacity = 1
 
     def submit(self, method: str, *args):
@@ -197,7 +200,9 @@ class RayBackend:
         env = _storage_env()
         self.actors = [actor.remote(cfg_json, model_spec, threads, env)
                        for _ in range(rc.lm_actors)]
-        self.nodes = self._wait_started(rc.lm_actor_start_timeout_s)
+        started = self._wait_started(rc.lm_actor_start_timeout_s)
+        self.nodes = [s["node"] for s in started]
+        self.attention = started[0]["attention"]  # every actor loads the same model
         self.load = {i: 0 for i in range(len(self.actors))}
         self.owner: dict = {}
         self.started: dict = {}  # handle -> (submit time, method)
@@ -207,7 +212,7 @@ class RayBackend:
         self.reader = lambda *args: read.remote(env, *args)
         self.model_spec = model_spec
 
-    def _wait_started(self, timeout: float) -> list[str]:
+    def _wait_started(self, timeout: float) -> list[dict]:
         """Wait for every actor's model to load; fail at the first actor that cannot start, or at
         the deadline with what is missing."""
         ray = self.ray
@@ -585,6 +590,7 @@ def run_generate(cfg: Config, use_ray: bool = True, progress: bool = True) -> Ge
             backend = LocalBackend(cfg, model_dir)
             executor = LocalToolExecutor(tools_cfg)
         if todo:
+            model["attention"] = backend.attention  # fast path, or plain forwards and why
             _schedule(cfg, works, backend, executor, tokenizer, store, model, config_hash, quota, prog)
     finally:
         prog.close()

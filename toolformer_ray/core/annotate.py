@@ -14,7 +14,7 @@ import torch
 
 from toolformer_ray.api_text import Markers
 from toolformer_ray.core.filtering import ScoredCall, score_candidates
-from toolformer_ray.core.lm import bos_ids, encode
+from toolformer_ray.core.lm import attention_plan, bos_ids, encode
 from toolformer_ray.core.sampling import (Candidate, DecodeRow, TokenizedDoc, ToolPrompt, decode_calls,
                                           merge_passes, parse_sample, select_positions, start_pass,
                                           tokenize_doc)
@@ -38,6 +38,9 @@ class Annotator:
         self.max_call_tokens, self.batch_docs, self.batch_rows = max_call_tokens, batch_docs, batch_rows
         self.prefix_separator, self.batch_tokens = prefix_separator, batch_tokens
         self.work_log: list | None = None  # set to a list to record every forward's shape (benchmarks)
+        # fast path or plain forwards (or refused), self-checked once per loaded model
+        # (lm.prepare_model)
+        self.attention = attention_plan(model).to_dict()
         self.bos = bos_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_id = tokenizer.eos_token_id

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from toolformer_ray.api_text import ApiCall, Markers, call_closed, find_calls, parse_generated_call, render
-from toolformer_ray.core.lm import (DocContext, RowKV, cache_layers, encode, hidden_states, logits_from_hidden,
-                                    pad_batch, prefix_forward)
+from toolformer_ray.core.lm import (DocContext, PlainContext, RowKV, cache_layers, encode,
+                                    hidden_states, logits_from_hidden, pad_batch, plain_hidden,
+                                    plain_path, prefix_forward)
 
 LOGIT_CHUNK = 1024  # rows of float32 logits materialised at once (x vocab size)
 
@@ -129,6 +130,7 @@ class StartPass:
     ctx_at: list[list[int | None]]  # row tokens before position i (input copy + output copy up to i)
     prefix_len: int  # P: the shared prompt's length (row token t sits at absolute position P + t)
     prefix_kv: list[tuple[torch.Tensor, torch.Tensor]]  # the shared prompt's KV, [kv_heads, P, head_dim]
+    tokens: list[list[int]] | None = None  # plain path only (kv is None): prompt + row tokens
 
 
 @torch.inference_mode()
@@ -136,7 +138,6 @@ def start_pass(model, tokenizer, prompt: ToolPrompt, docs: list[TokenizedDoc], t
                start_id: int, pad_id: int, log: list | None = None) -> StartPass:
     """One teacher-forced pass over [prompt, input copy, output copy] for a batch; `log` records the work
     (for the benchmark's naive baseline)."""
-    prompt.ensure_kv(model)
     P = len(prompt.prefix_ids)
     inputs = [prompt.input_ids(tokenizer, t) for t in texts]
     copies = [prompt.output_copy(tokenizer, d, t) for d, t in zip(docs, texts)]
@@ -146,8 +147,13 @@ def start_pass(model, tokenizer, prompt: ToolPrompt, docs: list[TokenizedDoc], t
     B, L = ids.shape
     if log is not None:
         log.append(("start", [len(r) for r in rows], P))
-    cache = RowKV.empty(model, B, L)
-    hidden = prefix_forward(model, ids, cache, prompt.kv, (P + torch.arange(L)).expand(B, L))
+    if plain_path(model):  # a family the shared-prefix attention cannot serve (lm.prepare_model)
+        hidden, kv = plain_hidden(model, [prompt.prefix_ids + r for r in rows])[:, P:], None
+    else:
+        prompt.ensure_kv(model)
+        cache = RowKV.empty(model, B, L)
+        hidden = prefix_forward(model, ids, cache, prompt.kv, (P + torch.arange(L)).expand(B, L))
+        kv = cache.layers()
     # The hidden state at row index ctx - 1 predicts what follows the context: p_i = its prob of API-start.
     row_idx, pos_idx, where = [], [], []
     for b, at in enumerate(ctx_at):
@@ -163,12 +169,18 @@ def start_pass(model, tokenizer, prompt: ToolPrompt, docs: list[TokenizedDoc], t
     probs = [[0.0] * len(d.ids) for d in docs]
     for (b, i), p in zip(where, p_flat.double().cpu().tolist()):
         probs[b][i] = p
-    return StartPass(probs=probs, kv=cache.layers(), ctx_at=ctx_at, prefix_len=P, prefix_kv=prompt.kv)
+    return StartPass(probs=probs, kv=kv, ctx_at=ctx_at, prefix_len=P, prefix_kv=prompt.kv,
+                     tokens=None if kv is not None else [prompt.prefix_ids + r for r in rows])
 
 
 def merge_passes(parts: list[tuple[StartPass, list[int]]]) -> StartPass:
     """One StartPass holding the given documents (rows) of several passes of the same prompt, so their
     sampled calls decode in one batch (positions above tau_s can be rare: a pass alone may have few)."""
+    if parts[0][0].kv is None:  # plain path: the rows' tokens instead of their KV
+        return StartPass(probs=[sp.probs[b] for sp, docs in parts for b in docs], kv=None,
+                         ctx_at=[sp.ctx_at[b] for sp, docs in parts for b in docs],
+                         prefix_len=parts[0][0].prefix_len, prefix_kv=None,
+                         tokens=[sp.tokens[b] for sp, docs in parts for b in docs])
     width = max(sp.kv[0][0].shape[2] for sp, _ in parts)
     layers = []
     for layer in range(len(parts[0][0].kv)):
@@ -241,7 +253,10 @@ def decode_calls(model, tokenizer, sp: StartPass, rows: list[DecodeRow], marker_
     only the marker is fed (to get the probability of a multi-token marker's later tokens)."""
     R = len(rows)
     M = len(marker_ids)
-    context = DocContext(sp.kv, [r.doc for r in rows], [r.ctx_len for r in rows])
+    if sp.kv is not None:
+        context = DocContext(sp.kv, [r.doc for r in rows], [r.ctx_len for r in rows])
+    else:  # plain path (lm.PlainContext): each row's own tokens
+        context = PlainContext(model, [sp.tokens[r.doc][:sp.prefix_len + r.ctx_len] for r in rows])
     cache = RowKV.empty(model, R, M + max(max_tokens, 1))  # only the rows' new tokens
     ctx = torch.tensor([r.ctx_len for r in rows], dtype=torch.long)
     pos = sp.prefix_len + ctx[:, None] + torch.arange(M)[None, :]

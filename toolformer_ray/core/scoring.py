@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from toolformer_ray.core.lm import hidden_states, logits_from_hidden
+from toolformer_ray.core.lm import hidden_states, logits_from_hidden, plain_path
 
 WINDOW = 5
 LOGIT_CHUNK = 1024
@@ -63,8 +63,9 @@ def token_nll(model, requests: list[NllRequest], pad_id: int, batch_tokens: int 
     width = length[order[0]]
     rows: list[list[int]] = []  # request indices packed into each row
     free: list[int] = []
+    pack = not plain_path(model)  # a packed row's mask would drop e.g. a sliding window
     for r in order:  # first fit decreasing
-        for i, room in enumerate(free):
+        for i, room in enumerate(free if pack else []):
             if length[r] <= room:
                 rows[i].append(r)
                 free[i] -= length[r]
@@ -117,8 +118,10 @@ def _nll_batch(model, requests, batch: list[list[int]], length: dict, width: int
     # a token sees the earlier tokens of its own sequence only (padding sees itself, so no row is empty)
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     same = segment[:, :, None] == segment[:, None, :]
-    hidden, _ = hidden_states(model, ids, attention_mask=packed_mask(model, causal[None] & same),
-                              position_ids=pos)
+    mask = packed_mask(model, causal[None] & same)
+    if plain_path(model):  # one sequence a row (token_nll): the model's own mask, all its features
+        mask = (segment >= 0).long()
+    hidden, _ = hidden_states(model, ids, attention_mask=mask, position_ids=pos)
     dev = hidden.device
     picked = hidden[torch.tensor(row_idx, device=dev), torch.tensor(pos_idx, device=dev)]
     tgt_t = torch.tensor(tgt, device=dev)
