@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
         _connect_cluster(cfg)
         night = run_nightly(cfg)
         print(night.describe(), flush=True)
-        return 1 if night.generate.get("shards_failed") else 0
+        return 1 if night.generate.get("shards_failed") or night.generate.get("errors") else 0
 
     run_main(body)
 

@@ -22,7 +22,8 @@ class ConfigError(UserError, ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No inf/nan: `timeout_s: .inf` would wait forever, `tau_f: .nan` would make every comparison false.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
     # Fields that do not change results (sizes, resources, paths): left out of config_hash().
     not_hashed: ClassVar[frozenset[str]] = frozenset()
 
@@ -63,12 +64,19 @@ class CorpusConfig(Section):
     url_field: str | None = "url"
     max_doc_tokens: int = Field(256, gt=8)  # longer records are split at sentence boundaries
     max_record_chars: int = Field(1_000_000, gt=0)  # longer records are quarantined
+    # Bounds on hostile input. A record (line, paragraph, row) of more raw bytes is quarantined unparsed,
+    # keeping only a prefix, its length and sha256 (None: 4 x max_record_chars + 64 KiB); a compressed file
+    # is decompressed up to max_decompressed_bytes, the rest quarantined with the reason. Not hashed: they
+    # decide only whether a pathological record is read, never what a normal record gives.
+    max_record_bytes: int | None = Field(None, gt=0)
+    max_decompressed_bytes: int = Field(2**30, gt=0)
     limit: int | None = Field(None, gt=0)  # first N documents (quick runs)
     # Parquet files larger than this are read as one shard per row group. Shard ids (and so the `shard`
     # column) depend on it, so it is hashed: changing it starts a new output version instead of
     # redoing the same rows under new shard ids.
     parquet_split_bytes: int = Field(128 * 2**20, gt=0)
-    not_hashed: ClassVar[frozenset[str]] = frozenset({"input", "limit"})
+    not_hashed: ClassVar[frozenset[str]] = frozenset(
+        {"input", "limit", "max_record_bytes", "max_decompressed_bytes"})
 
 
 class SamplingConfig(Section):
@@ -278,6 +286,23 @@ class Config(Section):
             data = {**data, "tools": tools}
         return data
 
+    @model_validator(mode="after")
+    def _known_tools(self) -> "Config":
+        # A misspelled tool (`tools.Calculater.k=3`) must not quietly enable a new, unknown tool, and a
+        # bogus tool option must fail here, not when a worker starts.
+        from toolformer_ray.tools import tool_class, tool_names
+
+        for name, tc in self.tools.items():
+            try:
+                cls = tool_class(name)
+            except KeyError:
+                raise ValueError(f"unknown tool {name!r}; known tools: {', '.join(tool_names())}") from None
+            try:
+                cls.Options.model_validate(tc.options)
+            except ValidationError as e:
+                raise ValueError(f"tools.{name}.options: {_format_errors(e)}") from None
+        return self
+
     def enabled_tools(self) -> dict[str, ToolConfig]:
         return {name: t for name, t in self.tools.items() if t.enabled}
 
@@ -330,15 +355,21 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def _format_errors(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"])
         if e["type"] == "extra_forbidden":
             parts.append(f"unknown key '{loc}'")
+        elif not loc:  # a model-level check (_known_tools): its message says it all
+            parts.append(e["msg"].removeprefix("Value error, "))
         else:
             parts.append(f"'{loc}': {e['msg']}")
-    return f"{source}: " + "; ".join(parts)
+    return "; ".join(parts)
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    return f"{source}: {_format_errors(err)}"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
