@@ -3,7 +3,6 @@ records, S3 input and output. Uses a tiny model taught to write calculator calls
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -16,7 +15,6 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from toolformer_ray.api_text import Markers, strip_calls
 from toolformer_ray.config import load_config
