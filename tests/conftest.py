@@ -66,3 +66,17 @@ def s3_endpoint(s3_server, monkeypatch) -> S3Endpoint:
     options = {"key": "testing", "secret": "testing", "endpoint_url": s3_server,
                "client_kwargs": {"region_name": "us-east-1"}}
     return S3Endpoint(url=s3_server, bucket=bucket, env=env, storage_options=options)
+
+
+@pytest.fixture(scope="module")
+def ray_local(request):
+    """A local Ray for one test module, which may define tools or functions of its own: Ray workers
+    cannot import tests/, so the module is shipped by value."""
+    import ray
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(request.module)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    ray.cloudpickle.unregister_pickle_by_value(request.module)

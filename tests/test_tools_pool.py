@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -113,18 +112,6 @@ def test_local_real_tools_and_errors():
 
 
 # -- Ray ----------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-    import ray.cloudpickle
-
-    # The test tool lives in this module, which Ray workers cannot import: ship it by value.
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
 
 @pytest.mark.slow
 def test_ray_pool_matches_local_and_dedups(ray_local):
