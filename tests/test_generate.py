@@ -69,15 +69,6 @@ def tables(version_dir: str) -> dict[str, pd.DataFrame]:
     return out
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_full_run_on_ray_writes_recomputable_rows(caller, corpus, tmp_path, ray_local):
     cfg = make_cfg(caller, corpus, tmp_path / "out")
