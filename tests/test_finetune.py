@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 from toolformer_ray.api_text import ApiCall, Markers, insert_calls, render
 from toolformer_ray.config import load_config
 from toolformer_ray.finetune import FAIL_AT_STEP_ENV, load_metrics, run_finetune, token_nll
-from toolformer_ray.finetune_data import gather_rows, prepare_data, read_documents
+from toolformer_ray.finetune.data import gather_rows, prepare_data, read_documents
 from toolformer_ray.models import load_tokenizer, resolve_model_dir
 
 pytestmark = pytest.mark.slow

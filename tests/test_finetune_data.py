@@ -13,7 +13,7 @@ import torch
 from toolformer_ray.api_text import ApiCall, Markers, insert_calls, render
 from toolformer_ray.finetune import (FinetuneError, _check_resumable, deepspeed_config, load_metrics, lr_factor,
                                      plot_loss_curve, token_nll, warmup_steps_for)
-from toolformer_ray.finetune_data import (BatchPlan, FinetuneDataError, batch_plan, gather_rows, pack,
+from toolformer_ray.finetune.data import (BatchPlan, FinetuneDataError, batch_plan, gather_rows, pack,
                                           prepare_data, read_documents, result_spans, rows_at, select_texts,
                                           split_dev, tokenize_texts)
 from toolformer_ray.models import load_tokenizer, resolve_model_dir
