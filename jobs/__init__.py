@@ -1,8 +1,8 @@
-"""Entrypoints for `ray job submit` and schedulers: `python -m jobs.<name> --config FILE [--set k=v ...]`.
+"""Entrypoints for `ray job submit` and schedulers: `python -m jobs.<name> --config FILE`.
 
 Each one reads a config, calls the library and prints what it did; nothing of the method lives here.
-They run wherever the job's driver runs (the head node under `ray job submit`, a laptop with a local Ray
-otherwise) and join the job's cluster through RAY_ADDRESS, which `ray job submit` sets.
+They run wherever the job's driver runs (the head node under `ray job submit`, a laptop with a local
+Ray otherwise) and join the job's cluster through RAY_ADDRESS, which `ray job submit` sets.
 """
 from __future__ import annotations
 
@@ -16,16 +16,19 @@ from toolformer_ray.errors import UserError
 
 def parse_config(argv: list[str] | None, description: str) -> Config:
     parser = argparse.ArgumentParser(description=description.strip().splitlines()[0])
-    parser.add_argument("--config", "-c", required=True, help="YAML config (e.g. configs/cluster.yaml)")
-    parser.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set run.output=s3://bucket/runs (repeatable)")
+    parser.add_argument("--config", "-c", required=True,
+                        help="YAML config (e.g. configs/cluster.yaml)")
+    parser.add_argument("--set", "-s", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set run.output=s3://bucket/runs "
+                             "(repeatable)")
     args = parser.parse_args(argv)
     return load_config(args.config, args.overrides)
 
 
 def run_main(body: Callable[[], int]) -> None:
-    """Run a job body; a user error (bad config, missing input) is one line on stderr and exit code 2, so the
-    job's status says what to fix without a traceback to dig through."""
+    """Run a job body; a user error (bad config, missing input) is one line on stderr and exit code
+    2, so the job's status says what to fix without a traceback to dig through."""
     try:
         code = body()
     except UserError as e:

@@ -1,6 +1,6 @@
-"""One fine-tuning run on a generate output (finetune.data, default: this config's own output version):
-DeepSpeed ZeRO under Ray Train, checkpoints and the exported model under finetune.output. Submitting it
-again resumes from the latest checkpoint (or only re-exports a finished run).
+"""One fine-tuning run on a generate output (finetune.data, default: this config's own output
+version): DeepSpeed ZeRO under Ray Train, checkpoints and the exported model under finetune.output.
+Submitting it again resumes from the latest checkpoint (or only re-exports a finished run).
 
     ray job submit --address http://HEAD:8265 --working-dir . --runtime-env jobs/runtime_env.yaml \
         -- python -m jobs.finetune --config configs/cluster.yaml
@@ -8,12 +8,11 @@ again resumes from the latest checkpoint (or only re-exports a finished run).
 from __future__ import annotations
 
 from jobs import parse_config, run_main
+from toolformer_ray.finetune import run_finetune
 
 
 def main(argv: list[str] | None = None) -> None:
     def body() -> int:
-        from toolformer_ray.finetune import run_finetune
-
         cfg = parse_config(argv, __doc__)
         print(run_finetune(cfg).describe(), flush=True)
         return 0

@@ -1,11 +1,11 @@
-"""Create tonight's RayJob from a manifest and wait for it: the body of the plain Kubernetes CronJob that
-schedules the nightly refresh where KubeRay's RayCronJob feature gate is off
+"""Create tonight's RayJob from a manifest and wait for it: the body of the plain Kubernetes CronJob
+that schedules the nightly refresh where KubeRay's RayCronJob feature gate is off
 (cluster/kuberay/nightly-cronjob/).
 
     python -m jobs.launch_rayjob --manifest /etc/toolformer/rayjob-nightly.yaml
 
-- The RayJob is named <manifest name>-<UTC date>: a retried launcher pod finds tonight's RayJob already
-  there (409) and waits for it instead of starting a second night.
+- The RayJob is named <manifest name>-<UTC date>: a retried launcher pod finds tonight's RayJob
+  already there (409) and waits for it instead of starting a second night.
 - It waits until the RayJob finishes, so the CronJob's Job stays active for the whole night and
   `concurrencyPolicy: Forbid` keeps the next night from starting on top of it; the Job's
   activeDeadlineSeconds bounds the wait.
@@ -30,7 +30,8 @@ from pathlib import Path
 import yaml
 
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-DONE = {"Complete", "Failed"}  # RayJob status.jobDeploymentStatus values after which nothing changes
+# RayJob status.jobDeploymentStatus values after which nothing changes
+DONE = {"Complete", "Failed"}
 
 
 class Api:
@@ -39,13 +40,17 @@ class Api:
     def __init__(self, server: str, token: str, ca_file: str | None):
         self.server = server.rstrip("/")
         self.token = token
-        self.context = ssl.create_default_context(cafile=ca_file) if server.startswith("https") else None
+        self.context = None
+        if server.startswith("https"):
+            self.context = ssl.create_default_context(cafile=ca_file)
 
     @classmethod
     def in_cluster(cls) -> "Api":
-        host, port = os.environ["KUBERNETES_SERVICE_HOST"], os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+        host = os.environ["KUBERNETES_SERVICE_HOST"]
+        port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
         host = f"[{host}]" if ":" in host else host  # IPv6 service address
-        return cls(f"https://{host}:{port}", (SA_DIR / "token").read_text().strip(), str(SA_DIR / "ca.crt"))
+        token = (SA_DIR / "token").read_text().strip()
+        return cls(f"https://{host}:{port}", token, str(SA_DIR / "ca.crt"))
 
     def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
         data = json.dumps(body).encode() if body is not None else None
@@ -75,13 +80,15 @@ def launch(api: Api, manifest: dict, namespace: str, poll_s: float = 30.0, log=p
     if status == 409:
         log(f"RayJob {name} exists already (a retried launcher): waiting for it")
     elif status >= 300:
-        raise RuntimeError(f"creating RayJob {name} failed: HTTP {status} {body.get('message', body)}")
+        raise RuntimeError(f"creating RayJob {name} failed: HTTP {status} "
+                           f"{body.get('message', body)}")
     else:
         log(f"created RayJob {namespace}/{name}")
     while True:
         status, body = api.request("GET", f"{path}/{name}")
         if status >= 300:
-            raise RuntimeError(f"reading RayJob {name} failed: HTTP {status} {body.get('message', body)}")
+            raise RuntimeError(f"reading RayJob {name} failed: HTTP {status} "
+                               f"{body.get('message', body)}")
         st = body.get("status") or {}
         if st.get("jobDeploymentStatus") in DONE:
             log(f"RayJob {name}: {st.get('jobDeploymentStatus')}, Ray job {st.get('jobStatus')} "

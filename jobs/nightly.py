@@ -1,23 +1,28 @@
 """The nightly corpus refresh: generate over the new shards of corpus.input, then, once at least
-nightly.min_new_calls kept calls are not trained on yet, fine-tune the last model on them and evaluate it.
+nightly.min_new_calls kept calls are not trained on yet, fine-tune the last model on them and
+evaluate it.
 
     ray job submit --address http://HEAD:8265 --working-dir . --runtime-env jobs/runtime_env.yaml \
         -- python -m jobs.nightly --config configs/cluster.yaml
 
-Every step is idempotent and its state lives on the output storage (jobs/state.py), so a retried night (on
-a fresh cluster) continues where the last attempt stopped:
-  1. generate   committed shards are skipped (known by content hash): only new or unfinished shards run.
-  2. plan       a round = the committed shard units no earlier round took, if their kept calls reach the
-                threshold (calls of nights below it accumulate). plan.json commits it; its units are never
-                planned again, so no data is fine-tuned on twice. An unfinished round is finished first.
-  3. finetune   from the last round's model (the configured model for the first round) on the round's data
-                snapshot, into the round's own folder: a retry resumes from its latest checkpoint.
-  4. evaluate   the new model, next to the one it started from (nightly.eval_previous), on eval.tasks;
-                a round whose evaluation died is evaluated by the next night.
-At most one new round per night. Generation always uses the configured model (model.path): the filter's
-losses assume a model that has not seen calls, and a fixed model keeps the output version (config hash).
-Exit codes: 0 done (also: nothing to fine-tune, or another night holds the lease), 1 some shard failed, 2 bad
-config or input.
+Every step is idempotent and its state lives on the output storage (jobs/state.py), so a retried
+night (on a fresh cluster) continues where the last attempt stopped:
+  1. generate   committed shards are skipped (known by content hash): only new or unfinished shards
+                run.
+  2. plan       a round = the committed shard units no earlier round took, if their kept calls reach
+                the threshold (calls of nights below it accumulate). plan.json commits it; its units
+                are never planned again, so no data is fine-tuned on twice. An unfinished round is
+                finished first.
+  3. finetune   from the last round's model (the configured model for the first round) on the
+                round's data snapshot, into the round's own folder: a retry resumes from its latest
+                checkpoint.
+  4. evaluate   the new model, next to the one it started from (nightly.eval_previous), on
+                eval.tasks; a round whose evaluation died is evaluated by the next night.
+At most one new round per night. Generation always uses the configured model (model.path): the
+filter's losses assume a model that has not seen calls, and a fixed model keeps the output version
+(config hash).
+Exit codes: 0 done (also: nothing to fine-tune, or another night holds the lease), 1 some shard
+failed, 2 bad config or input.
 """
 from __future__ import annotations
 
@@ -32,10 +37,19 @@ import uuid
 from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, Callable
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
 from jobs import parse_config, run_main
 from jobs.state import Lease, NightlyState
 from toolformer_ray.config import Config
 from toolformer_ray.errors import UserError
+from toolformer_ray.evaluation import run_eval
+from toolformer_ray.finetune import run_finetune
+from toolformer_ray.generate import _storage_env, run_generate
+from toolformer_ray.ray_session import ensure_ray
+from toolformer_ray.storage import OutputStore, put_bytes, table_bytes
 
 DOC_COLUMNS = ["doc_id", "source_id", "shard", "text", "augmented_text", "n_calls"]
 
@@ -71,14 +85,16 @@ class Night:
         if g:
             lines.append(f"generate: {g.get('shards_done', 0)} new shard(s), "
                          f"{g.get('shards_skipped', 0)} already done, "
-                         f"{len(g.get('shards_failed') or {})} failed; kept calls {g.get('calls_kept') or {}}; "
-                         f"output {g.get('output')}")
+                         f"{len(g.get('shards_failed') or {})} failed; "
+                         f"kept calls {g.get('calls_kept') or {}}; output {g.get('output')}")
         if self.decision:
             lines.append(f"decision: {self.decision}")
         if self.finetune:
-            lines.append(f"fine-tuned model: {self.finetune.get('model_dir')} ({self.finetune.get('steps')} steps)")
+            lines.append(f"fine-tuned model: {self.finetune.get('model_dir')} "
+                         f"({self.finetune.get('steps')} steps)")
         for e in self.evaluations:
-            lines.append(f"evaluation of round {e['round']}: {e.get('output')}\n{e.get('table', '')}")
+            lines.append(f"evaluation of round {e['round']}: {e.get('output')}\n"
+                         f"{e.get('table', '')}")
         if self.model:
             lines.append(f"current model: {self.model}")
         if self.error:
@@ -105,14 +121,14 @@ def _summary_dict(obj: Any) -> dict:
     return json.loads(json.dumps(asdict(obj) if is_dataclass(obj) else dict(obj), default=str))
 
 
-# ------------------------------------------------------------------------------------------------ rounds
+# ------------------------------------------------------------------------------------------ rounds
 def pending_units(cfg: Config, rounds: list[dict]) -> tuple[Any, dict[str, int]]:
-    """The generate output version and its committed complete units no round has taken: unit -> kept calls."""
-    from toolformer_ray.storage import OutputStore
-
+    """The generate output version and its committed complete units no round has taken: unit ->
+    kept calls."""
     store = OutputStore(cfg.run.output, cfg.config_hash())
     taken = {u for r in rounds if r["version"] == store.uri() for u in r["units"]}
-    pending = {unit: int(rec.get("rows", {}).get("calls", 0)) for unit, rec in store.readable_units().items()
+    pending = {unit: int(rec.get("rows", {}).get("calls", 0))
+               for unit, rec in store.readable_units().items()
                if rec.get("complete") and unit not in taken}
     return store, pending
 
@@ -122,23 +138,22 @@ def current_model(cfg: Config, rounds: list[dict]) -> str:
     return done[-1]["finetuned"]["model_dir"] if done else cfg.model.path
 
 
-def plan_round(state: NightlyState, store, units: dict[str, int], base_model: str, seq: int) -> dict:
-    """Snapshot the units' documents, then commit plan.json (the round exists once plan.json does)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from toolformer_ray.storage import put_bytes, table_bytes
-
+def plan_round(state: NightlyState, store, units: dict[str, int], base_model: str,
+               seq: int) -> dict:
+    """Snapshot the units' documents, then commit plan.json (the round exists once plan.json
+    does)."""
     names = sorted(units)
-    digest = hashlib.sha256(json.dumps([store.uri(), names, base_model]).encode()).hexdigest()[:8]
-    rid = f"r{seq:04d}-{digest}"
+    key = json.dumps([store.uri(), names, base_model]).encode()
+    rid = f"r{seq:04d}-{hashlib.sha256(key).hexdigest()[:8]}"
     records = store.readable_units()
-    tables = [pq.read_table(store.path(records[u]["files"]["documents"]), filesystem=store.fs, columns=DOC_COLUMNS)
+    tables = [pq.read_table(store.path(records[u]["files"]["documents"]), filesystem=store.fs,
+                            columns=DOC_COLUMNS)
               for u in names]
     snapshot = ("rounds", rid, "data", "documents.parquet")
     put_bytes(state.fs, state.path(*snapshot), table_bytes(pa.concat_tables(tables)))
-    plan = {"round": rid, "seq": seq, "version": store.uri(), "config_hash": store.config_hash, "units": units,
-            "calls": sum(units.values()), "documents": sum(t.num_rows for t in tables), "base_model": base_model,
+    plan = {"round": rid, "seq": seq, "version": store.uri(), "config_hash": store.config_hash,
+            "units": units, "calls": sum(units.values()),
+            "documents": sum(t.num_rows for t in tables), "base_model": base_model,
             "data": state.uri(*snapshot), "finetune_output": state.uri("rounds", rid, "finetune"),
             "eval_output": state.uri("rounds", rid, "eval"), "planned_at": _now()}
     state.write_json(plan, "rounds", rid, "plan.json")
@@ -147,7 +162,8 @@ def plan_round(state: NightlyState, store, units: dict[str, int], base_model: st
 
 
 def round_config(cfg: Config, plan: dict) -> Config:
-    """The fine-tuning config of a round: from its base model, on its snapshot, into its own folder."""
+    """The fine-tuning config of a round: from its base model, on its snapshot, into its own
+    folder."""
     c = cfg.model_copy(deep=True)
     c.model.path = plan["base_model"]
     c.finetune.data = plan["data"]
@@ -158,21 +174,16 @@ def round_config(cfg: Config, plan: dict) -> Config:
 
 def evaluate_round(cfg: Config, models: list[str]) -> dict:
     """run_eval on the round's models; returns what evaluated.json records."""
-    from toolformer_ray.evaluation import run_eval
-
     report = run_eval(cfg, models=models)
-    return {"output": cfg.eval.output, "models": models, "files": report.files, "table": report.markdown(),
-            "rows": [r.to_dict() for r in report.rows], "evaluated_at": _now()}
+    return {"output": cfg.eval.output, "models": models, "files": report.files,
+            "table": report.markdown(), "rows": [r.to_dict() for r in report.rows],
+            "evaluated_at": _now()}
 
 
 def _evaluate_where_it_fits(cfg: Config, models: list[str]) -> dict:
-    # On a cluster, the driver runs on the head, which has no CPUs for work (num-cpus=0 there): run the
-    # evaluation as a task that the scheduler places on a worker. Locally, in this process.
-    import ray
-
+    # On a cluster, the driver runs on the head, which has no CPUs for work (num-cpus=0 there): run
+    # the evaluation as a task that the scheduler places on a worker. Locally, in this process.
     if ray.is_initialized():
-        from toolformer_ray.generate import _storage_env
-
         gpus = cfg.nightly.eval_gpus
         if gpus > 0 and cfg.inference.device == "auto":  # a GPU asked for is used, or it fails
             cfg = cfg.model_copy(deep=True)
@@ -189,28 +200,19 @@ def _evaluate_remote(storage_env: dict[str, str], cfg: Config, models: list[str]
     return evaluate_round(cfg, models)
 
 
-def _connect_cluster(cfg: Config) -> None:
-    """Join the job's cluster once, so the stages share one connection. Without a cluster (a laptop run)
-    each stage starts and stops its own local Ray, as it does on its own."""
-    import ray
-
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address and not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True)
+def _generate_on_ray(cfg: Config):
+    return run_generate(cfg, use_ray=True)
 
 
-# ------------------------------------------------------------------------------------------------- night
-def run_nightly(cfg: Config, *, generate: Callable | None = None, finetune: Callable | None = None,
-                evaluate: Callable | None = None, owner: str | None = None) -> Night:
-    """One night. `generate`, `finetune`, `evaluate` default to the library's run_generate, run_finetune and
-    run_eval (on a worker when on a cluster); tests pass stand-ins."""
+# ------------------------------------------------------------------------------------------- night
+def run_nightly(cfg: Config, *, generate: Callable | None = None,
+                finetune: Callable | None = None, evaluate: Callable | None = None,
+                owner: str | None = None) -> Night:
+    """One night. `generate`, `finetune`, `evaluate` default to the library's run_generate,
+    run_finetune and run_eval (on a worker when on a cluster); tests pass stand-ins."""
     check_config(cfg)
-    if generate is None:
-        from toolformer_ray.generate import run_generate
-
-        generate = lambda c: run_generate(c, use_ray=True)  # noqa: E731
-    if finetune is None:
-        from toolformer_ray.finetune import run_finetune as finetune
+    generate = generate or _generate_on_ray
+    finetune = finetune or run_finetune
     evaluate = evaluate or _evaluate_where_it_fits
     owner = owner or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     state = NightlyState(state_root(cfg))
@@ -226,7 +228,8 @@ def run_nightly(cfg: Config, *, generate: Callable | None = None, finetune: Call
         _night(cfg, state, lease, night, generate, finetune, evaluate)
         night.status = "ok"
     except BaseException as e:
-        night.status, night.error = "failed", f"{type(e).__name__}: {e}"
+        night.status = "failed"
+        night.error = f"{type(e).__name__}: {e}"
         raise
     finally:
         night.finished_at = _now()
@@ -237,7 +240,8 @@ def run_nightly(cfg: Config, *, generate: Callable | None = None, finetune: Call
     return night
 
 
-def _night(cfg: Config, state: NightlyState, lease: Lease, night: Night, generate, finetune, evaluate) -> None:
+def _night(cfg: Config, state: NightlyState, lease: Lease, night: Night, generate, finetune,
+           evaluate) -> None:
     # 1. generate over the new shards (resume is the data job's own: committed shards are skipped)
     _say(f"generate over {cfg.corpus.input} -> {cfg.run.output}")
     night.generate = _summary_dict(generate(cfg))
@@ -246,17 +250,20 @@ def _night(cfg: Config, state: NightlyState, lease: Lease, night: Night, generat
     # 2. the round to work on: an unfinished one first, else a new one if enough calls are waiting
     rounds = state.rounds()
     store, pending = pending_units(cfg, rounds)
-    night.pending_calls = waiting = sum(pending.values())  # what tonight's decision is based on; `waiting` after it
+    night.pending_calls = sum(pending.values())  # what tonight's decision is based on
+    waiting = night.pending_calls  # what is left waiting after tonight's round
     unfinished = [r for r in rounds if not r["finetuned"]]
     if unfinished:
         rnd = unfinished[0]
-        night.decision = f"finish round {rnd['round']} ({rnd['calls']} calls), started by an earlier night"
+        night.decision = (f"finish round {rnd['round']} ({rnd['calls']} calls), started by an "
+                          "earlier night")
     elif pending and night.pending_calls >= cfg.nightly.min_new_calls:
         rnd = plan_round(state, store, pending, current_model(cfg, rounds), seq=len(rounds) + 1)
         rounds.append(rnd)
         waiting -= rnd["calls"]
-        night.decision = (f"fine-tune round {rnd['round']}: {rnd['calls']} new kept calls in {len(rnd['units'])} "
-                          f"shard(s), {rnd['documents']} documents, from {rnd['base_model']}")
+        night.decision = (f"fine-tune round {rnd['round']}: {rnd['calls']} new kept calls in "
+                          f"{len(rnd['units'])} shard(s), {rnd['documents']} documents, from "
+                          f"{rnd['base_model']}")
     else:
         rnd = None
         night.decision = (f"{night.pending_calls} kept calls not trained on yet (threshold "
@@ -277,7 +284,9 @@ def _night(cfg: Config, state: NightlyState, lease: Lease, night: Night, generat
     if cfg.nightly.evaluate:
         for r in [r for r in rounds if r["finetuned"] and not r["evaluated"]]:
             lease.check()
-            models = [r["finetuned"]["model_dir"]] + ([r["base_model"]] if cfg.nightly.eval_previous else [])
+            models = [r["finetuned"]["model_dir"]]
+            if cfg.nightly.eval_previous:
+                models.append(r["base_model"])
             _say(f"evaluate round {r['round']}: {', '.join(models)} on {', '.join(cfg.eval.tasks)}")
             summary = evaluate(round_config(cfg, r), models)
             state.write_json(summary, "rounds", r["round"], "evaluated.json")
@@ -286,11 +295,13 @@ def _night(cfg: Config, state: NightlyState, lease: Lease, night: Night, generat
 
     night.model = current_model(cfg, rounds)
     state.write_json({
-        "model": night.model, "updated_at": _now(), "version": store.uri(), "pending_calls": waiting,
+        "model": night.model, "updated_at": _now(), "version": store.uri(),
+        "pending_calls": waiting,
         "min_new_calls": cfg.nightly.min_new_calls,
         "rounds": [{"round": r["round"], "calls": r["calls"], "documents": r["documents"],
                     "base_model": r["base_model"],
-                    "model": (r["finetuned"] or {}).get("model_dir"), "evaluated": bool(r["evaluated"]),
+                    "model": (r["finetuned"] or {}).get("model_dir"),
+                    "evaluated": bool(r["evaluated"]),
                     "eval": (r["evaluated"] or {}).get("output")} for r in rounds],
     }, "state.json")
 
@@ -298,7 +309,9 @@ def _night(cfg: Config, state: NightlyState, lease: Lease, night: Night, generat
 def main(argv: list[str] | None = None) -> None:
     def body() -> int:
         cfg = parse_config(argv, __doc__)
-        _connect_cluster(cfg)
+        # Join the job's cluster once, so the stages share one connection. Without a cluster (a
+        # laptop run) each stage starts and stops its own local Ray, as it does on its own.
+        ensure_ray(cfg.ray.address, join_only=True)
         night = run_nightly(cfg)
         print(night.describe(), flush=True)
         return 1 if night.generate.get("shards_failed") or night.generate.get("errors") else 0

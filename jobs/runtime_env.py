@@ -1,7 +1,8 @@
 """Print jobs/runtime_env.yaml as JSON, with the non-secret storage settings of this shell, for
 
     ray job submit --address http://HEAD:8265 --working-dir . \
-        --runtime-env-json "$(python -m jobs.runtime_env)" -- python -m jobs.nightly --config configs/cluster.yaml
+        --runtime-env-json "$(python -m jobs.runtime_env)" \
+        -- python -m jobs.nightly --config configs/cluster.yaml
 
 Only settings pass (region, a custom endpoint such as MinIO's), never credentials: Ray's runtime-env
 agent writes the whole runtime env to its log (a 0644 file on every node), the dashboard shows it.

@@ -1,15 +1,16 @@
-"""The nightly refresh's state, kept on the output storage (local or s3://) so that a retried night (on a
-fresh KubeRay cluster, say) sees everything an earlier attempt did.
+"""The nightly refresh's state, kept on the output storage (local or s3://) so that a retried night
+(on a fresh KubeRay cluster, say) sees everything an earlier attempt did.
 
-    <nightly.state>/                         default <run.output>/nightly
-        lease.json                           who runs tonight; renewed while alive, expires when not
-        rounds/r0001-<digest>/plan.json      a fine-tuning round: its shard units, base model, data, output
-                              data/documents.parquet    the round's training data (snapshot, written first)
-                              finetune/      run_finetune's output (checkpoints, model/)
-                              finetuned.json written after the fine-tune finished: the new model
-                              eval/          run_eval's report;  evaluated.json  written after it
-        nights/<time>-<owner>.json           what each night did (or why it failed)
-        state.json                           summary for people: current model, rounds, pending calls
+    <nightly.state>/                      default <run.output>/nightly
+        lease.json                        who runs tonight; renewed while alive, expires when not
+        rounds/r0001-<digest>/plan.json   a fine-tuning round: its shard units, base model, data,
+                                          output
+            data/documents.parquet        the round's training data (snapshot, written first)
+            finetune/                     run_finetune's output (checkpoints, model/)
+            finetuned.json                written after the fine-tune finished: the new model
+            eval/, evaluated.json         run_eval's report; evaluated.json written after it
+        nights/<time>-<owner>.json        what each night did (or why it failed)
+        state.json                        summary for people: current model, rounds, pending calls
 
 plan.json is the commit point of a round: the units it lists are never planned again, so no data is
 fine-tuned on twice; a round without finetuned.json is finished before any new one is planned.
@@ -23,7 +24,8 @@ from typing import Any
 
 import fsspec
 
-from toolformer_ray.storage import is_local, put_bytes
+from toolformer_ray.fsutil import is_local
+from toolformer_ray.storage import put_bytes
 
 
 class NightlyState:
@@ -42,14 +44,16 @@ class NightlyState:
 
     def read_json(self, *parts: str) -> Any | None:
         path = self.path(*parts)
-        self.fs.invalidate_cache(path.rsplit("/", 1)[0])  # s3fs caches listings; another process may have written
+        # s3fs caches listings; another process may have written since
+        self.fs.invalidate_cache(path.rsplit("/", 1)[0])
         try:
             return json.loads(self.fs.cat_file(path))
         except FileNotFoundError:
             return None
 
     def write_json(self, data: Any, *parts: str) -> str:
-        put_bytes(self.fs, self.path(*parts), json.dumps(data, indent=1, default=str).encode())  # atomic
+        data_bytes = json.dumps(data, indent=1, default=str).encode()
+        put_bytes(self.fs, self.path(*parts), data_bytes)  # atomic
         return self.uri(*parts)
 
     def delete(self, *parts: str) -> None:
@@ -59,11 +63,13 @@ class NightlyState:
             pass
 
     def rounds(self) -> list[dict]:
-        """Every planned round, oldest first, each plan with `finetuned` / `evaluated` (None until done)."""
+        """Every planned round, oldest first, each plan with `finetuned` / `evaluated` (None until
+        done)."""
         directory = self.path("rounds")
         self.fs.invalidate_cache(directory)
         try:
-            names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(directory, detail=False))
+            listing = self.fs.ls(directory, detail=False)
+            names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in listing)
         except FileNotFoundError:
             return []
         out = []
@@ -82,17 +88,21 @@ class LeaseLost(RuntimeError):
 
 
 class Lease:
-    """At most one night at a time, on storage without locks: a JSON record renewed every ttl/5 seconds.
+    """At most one night at a time, on storage without locks: a JSON record renewed every ttl/5
+    seconds.
 
-    A night that finds a live lease waits up to 1.2 x TTL: a killed night's lease expires in that time (so a
-    retry proceeds), a running night keeps renewing it (so the newcomer gives up). After writing its own
-    record a night waits a moment and reads it back, so two nights starting together do not both proceed
-    (S3 has read-after-write consistency; this is a guard for rare overlaps, the schedulers' concurrency
-    policy and the deadline are the first line)."""
+    A night that finds a live lease waits up to 1.2 x TTL: a killed night's lease expires in that
+    time (so a retry proceeds), a running night keeps renewing it (so the newcomer gives up). After
+    writing its own record a night waits a moment and reads it back, so two nights starting
+    together do not both proceed (S3 has read-after-write consistency; this is a guard for rare
+    overlaps, the schedulers' concurrency policy and the deadline are the first line)."""
 
     def __init__(self, state: NightlyState, owner: str, ttl: float, name: str = "lease.json",
                  settle: float | None = None):
-        self.state, self.owner, self.ttl, self.name = state, owner, ttl, name
+        self.state = state
+        self.owner = owner
+        self.ttl = ttl
+        self.name = name
         self.settle = min(2.0, ttl / 10) if settle is None else settle  # write -> read-back pause
         self.lost = False
         self.holder: dict | None = None  # the other night's record when acquire() gave up
@@ -101,18 +111,21 @@ class Lease:
 
     def _write(self) -> None:
         now = time.time()
-        self.state.write_json({"owner": self.owner, "renewed_at": now, "expires_at": now + self.ttl}, self.name)
+        record = {"owner": self.owner, "renewed_at": now, "expires_at": now + self.ttl}
+        self.state.write_json(record, self.name)
 
     def acquire(self) -> bool:
         deadline = time.time() + 1.2 * self.ttl
         while True:
             cur = self.state.read_json(self.name)
-            if cur is None or cur.get("owner") == self.owner or cur.get("expires_at", 0) < time.time():
+            free = cur is None or cur.get("expires_at", 0) < time.time()
+            if free or cur.get("owner") == self.owner:
                 self._write()
                 time.sleep(self.settle)
                 cur = self.state.read_json(self.name)
                 if cur is not None and cur.get("owner") == self.owner:
-                    self._thread = threading.Thread(target=self._renew, name="nightly-lease", daemon=True)
+                    self._thread = threading.Thread(target=self._renew, name="nightly-lease",
+                                                    daemon=True)
                     self._thread.start()
                     return True
             self.holder = cur
@@ -133,7 +146,8 @@ class Lease:
 
     def check(self) -> None:
         if self.lost:
-            raise LeaseLost(f"the nightly lease {self.state.uri(self.name)} was taken over by another night")
+            raise LeaseLost(f"the nightly lease {self.state.uri(self.name)} was taken over by "
+                            "another night")
 
     def release(self) -> None:
         self._stop.set()

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from toolformer_ray.models import _publish_dir, _tmp_dir, _write_revision, cache_root, load_model, tiny_model_dir
+from toolformer_ray.fsutil import publish_dir
+from toolformer_ray.models import _tmp_dir, _write_revision, cache_root, load_model, tiny_model_dir
 
 NAMES = ["Alice", "Bob", "Carol", "Dan", "Eve", "Frank", "Grace", "Heidi"]
 ITEMS = ["apples", "books", "coins", "stamps", "shells", "cards"]
@@ -61,5 +62,5 @@ def caller_model_dir(cache_dir=None, steps: int = 50) -> Path:
     tok.save_pretrained(tmp)
     (tmp / "training.json").write_text(json.dumps({"steps": steps, "final_loss": float(loss.detach())}))
     _write_revision(tmp, {"source": "tiny-caller", "steps": steps})
-    _publish_dir(tmp, target)
+    publish_dir(tmp, target)
     return target
