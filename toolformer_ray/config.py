@@ -149,11 +149,13 @@ class RayConfig(Section):
 
 
 class FinetuneConfig(Section):
-    # Input: a generate output version (<run.output>/<config hash>), an output root with one version, a folder
-    # with documents/*.parquet, or Parquet files; local or s3://. None: this config's own generate output.
+    # Input: a generate output version (<run.output>/<config hash>), an output root with one
+    # version, a folder with documents/*.parquet, or Parquet files; local or s3://. None: this
+    # config's own generate output.
     data: str | None = None
     output: str = "runs/local/finetune"  # checkpoints, exported model, logs; local or s3://
-    deepspeed_config: str = "configs/ds_zero3.json"  # ZeRO settings; batch sizes and bf16 are filled in from here
+    # ZeRO settings; batch sizes and bf16 are filled in from this config
+    deepspeed_config: str = "configs/ds_zero3.json"
     num_workers: int = Field(2, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -162,23 +164,28 @@ class FinetuneConfig(Section):
     micro_batch_size: int = Field(1, gt=0)
     lr: float = Field(1e-5, gt=0)
     warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)  # linear warm-up over this share of max_steps
-    lr_decay: Literal["none", "linear", "cosine"] = "none"  # after warm-up; the paper keeps lr constant
+    # after warm-up; the paper keeps lr constant
+    lr_decay: Literal["none", "linear", "cosine"] = "none"
     weight_decay: float = Field(0.0, ge=0.0)
     max_steps: int = Field(2000, gt=0)
-    original_text_ratio: float = Field(0.0, ge=0.0)  # original texts mixed in, per augmented document
+    original_text_ratio: float = Field(0.0, ge=0.0)  # original texts mixed in, per augmented doc
     mask_tool_results: bool = False  # ablation; the paper trains on the results too
     dev_fraction: float = Field(0.05, ge=0.0, lt=1.0)  # of documents, by a hash of doc_id
     dev_max_sequences: int = Field(64, gt=0)  # cap on packed dev rows scored at each checkpoint
     checkpoint_every: int = Field(100, gt=0)  # steps; the last step is always checkpointed
-    keep_checkpoints: int = Field(2, gt=0)  # the best by dev perplexity; the latest is always kept as well
-    bf16: bool | Literal["auto"] = "auto"  # auto: where the hardware has it (CUDA bf16, or CPU AVX512-BF16/AMX)
+    # the best by dev perplexity; the latest is always kept as well
+    keep_checkpoints: int = Field(2, gt=0)
+    # auto: where the hardware has it (CUDA bf16, or CPU AVX512-BF16/AMX)
+    bf16: bool | Literal["auto"] = "auto"
     gradient_checkpointing: bool = False
-    export_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights of the exported model
+    # weights of the exported model
+    export_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     log_every: int = Field(1, gt=0)  # steps between progress lines / TensorBoard points
-    max_failures: int = Field(0, ge=-1)  # Ray Train restarts from the latest checkpoint after a failure (-1: always)
+    # Ray Train restarts from the latest checkpoint after a failure (-1: always)
+    max_failures: int = Field(0, ge=-1)
     not_hashed: ClassVar[frozenset[str]] = frozenset(
-        {"data", "output", "num_workers", "use_gpu", "cpus_per_worker", "checkpoint_every", "keep_checkpoints",
-         "log_every", "max_failures"})
+        {"data", "output", "num_workers", "use_gpu", "cpus_per_worker", "checkpoint_every",
+         "keep_checkpoints", "log_every", "max_failures"})
 
 
 class InferenceConfig(Section):
