@@ -24,7 +24,7 @@ _discovered = False
 def _discover() -> None:
     global _discovered
     for mod in pkgutil.iter_modules(__path__):
-        if mod.name not in ("base", "pool"):
+        if mod.name not in ("base", "executor", "pool"):  # not tool modules
             importlib.import_module(f"{__name__}.{mod.name}")
     _discovered = True
 

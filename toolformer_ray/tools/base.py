@@ -58,10 +58,6 @@ class Tool:
             return None
         return "the tool returned no result"
 
-    def cache_key(self, inp: str, date: str | None = None) -> str:
-        key = f"{self.name}\x00{self.version}\x00{inp}\x00{date if self.uses_date else ''}"
-        return hashlib.sha256(key.encode()).hexdigest()[:24]
-
 
 def stable_fraction(*parts: str) -> float:
     """A deterministic number in [0, 1) from strings, for sampled pre-filters that must survive a resume."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from toolformer_ray.errors import UserError
+from toolformer_ray.fsutil import is_local
 
 INDEX_FORMAT = 1
 STEMMER_LANGUAGE = "english"
@@ -109,7 +110,7 @@ def build_index(passages_uri: str, output_uri: str) -> dict:
     retriever.index(corpus_tokens, show_progress=False)
 
     fs, root = fsspec.core.url_to_fs(output_uri)
-    local = _is_local(fs)
+    local = is_local(fs)
     parent = Path(root).parent if local else Path(tempfile.gettempdir())
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".index-tmp-", dir=parent))
@@ -140,11 +141,6 @@ def build_index(passages_uri: str, output_uri: str) -> dict:
             "build_id": build_id, "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def _is_local(fs) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
-
-
 _BUILD_ID = re.compile(r"[0-9a-f]{1,64}")
 
 
@@ -166,7 +162,7 @@ def fetch_index(uri: str, cache_dir: str | None = None) -> Path:
 
     fs, root = fsspec.core.url_to_fs(uri)
     hint = "build it with `toolformer-ray index PASSAGES OUTPUT`"
-    if _is_local(fs):
+    if is_local(fs):
         path = Path(root)
         if not (path / "meta.json").is_file():
             raise SearchIndexError(f"no search index at {uri} ({hint})")
