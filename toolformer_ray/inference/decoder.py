@@ -13,6 +13,8 @@ result marker ("[Calculator(400/1400) ->"), pause that row, run the tool, append
 
 Modes: "tools" (the paper's rule), "disabled" (p(API-start) = 0: the start token is masked) and
 "forced" (ablation: every output begins with a call to one of the allowed tools).
+
+benchmarks/decoding.py overrides `_decode` and `_resume` for its re-encode baselines.
 """
 from __future__ import annotations
 
