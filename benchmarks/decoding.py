@@ -1,4 +1,5 @@
-"""Tool-aware decoding: tokens/s with KV-cache resume vs re-encoding after each call (issue 10, item 3).
+"""Tool-aware decoding: tokens/s with KV-cache resume vs re-encoding after each call (issue 10, item
+3).
 
     .venv/bin/python benchmarks/decoding.py [--config FILE] [-s key=value ...] [--repeat 2]
         [--max-calls 1 3] [--scenarios forced tools] [--output benchmarks/results]
@@ -6,29 +7,31 @@
 Useful overrides: inference.batch_size (prompts, default 16), inference.max_new_tokens,
 inference.torch_threads, model.path (tiny: a random model, for a smoke run).
 
-Tokens/s of the library's `ToolDecoder`, which resumes from the kept KV cache after a tool call ("kv"),
-against two re-encoding baselines implemented here (`ReencodeDecoder`): "reencode" (the row's whole
-sequence, prompt + text + result, encoded again and merged back into the batch) and "reencode_batch"
-(every row re-encoded after any call, as a loop that stops HF `generate` at "->" and calls it again
-does).
+Tokens/s of the library's `ToolDecoder`, which resumes from the kept KV cache after a tool call
+("kv"), against two re-encoding baselines implemented here (`ReencodeDecoder`): "reencode" (the
+row's whole sequence, prompt + text + result, encoded again and merged back into the batch) and
+"reencode_batch" (every row re-encoded after any call, as a loop that stops HF `generate` at "->"
+and calls it again does).
 
-Calls happen without touching the logits: each prompt is a few-shot block of arithmetic Q/A lines with
-calculator calls inline, then a new question. Two scenarios, each at max_calls = inference.max_calls
-(paper: 1) and 3:
-  forced  mode "forced": the start marker is forced at the first step; the model writes tool and input.
+Calls happen without touching the logits: each prompt is a few-shot block of arithmetic Q/A lines
+with calculator calls inline, then a new question. Two scenarios, each at max_calls =
+inference.max_calls (paper: 1) and 3:
+  forced  mode "forced": the start marker is forced at the first step; the model writes tool and
+          input.
   tools   mode "tools": the paper's rule (API-start token among the top inference.top_k_start).
-There are no stop strings, so a row decodes to max_new_tokens or EOS and, with max_calls > 1, goes on
-writing Q/A lines with further calls, as the few-shot block taught it.
+There are no stop strings, so a row decodes to max_new_tokens or EOS and, with max_calls > 1, goes
+on writing Q/A lines with further calls, as the few-shot block taught it.
 
-What is timed, per run (B = inference.batch_size prompts, greedy, one batch so the prompts are encoded in
-exactly one prefill, torch threads pinned):
-  end to end   wall time of `decoder.generate(prompts)`: prompt prefill, every decoding step, tool runs
-               and (baselines) the re-encodes.
-  decode phase end to end minus the prompt prefill (the first `KVBatch.add`, timed inside the same run):
-               what happens after the prompts are encoded; this is where the modes differ.
-Generated tokens = the tokens the model chose (Transcript.n_generated; tool results are fed, not counted).
-Each mode runs once untimed (warm-up), then `repeat` rounds with the modes interleaved (so load changes
-hit every mode alike); the best round per mode is reported. Ratios are kv tokens/s / baseline tokens/s.
+What is timed, per run (B = inference.batch_size prompts, greedy, one batch so the prompts are
+encoded in exactly one prefill, torch threads pinned):
+  end to end   wall time of `decoder.generate(prompts)`: prompt prefill, every decoding step, tool
+               runs and (baselines) the re-encodes.
+  decode phase end to end minus the prompt prefill (the first `KVBatch.add`, timed inside the same
+               run): what happens after the prompts are encoded; this is where the modes differ.
+Generated tokens = the tokens the model chose (Transcript.n_generated; tool results are fed, not
+counted). Each mode runs once untimed (warm-up), then `repeat` rounds with the modes interleaved (so
+load changes hit every mode alike); the best round per mode is reported. Ratios are kv tokens/s /
+baseline tokens/s.
 """
 from __future__ import annotations
 
@@ -57,8 +60,8 @@ RESUMES = ("kv", "reencode", "reencode_batch")
 
 class ReencodeDecoder(ToolDecoder):
     """The baselines: after a tool result the row's whole sequence (prompt, text so far, result) is
-    encoded again as a fresh prompt merged back into the batch, while the other rows keep their cache;
-    with whole_batch every row of the batch is re-encoded. Synchronous tools only."""
+    encoded again as a fresh prompt merged back into the batch, while the other rows keep their
+    cache; with whole_batch every row of the batch is re-encoded. Synchronous tools only."""
 
     def __init__(self, *args, whole_batch: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
@@ -90,7 +93,8 @@ class ReencodeDecoder(ToolDecoder):
                 active += new
             self._moved.clear()
             feed = self.choose(s, active, logits)
-            keep = [i for i, r in enumerate(active) if r.finish is None and id(r) not in self._moved]
+            going = [r.finish is None and id(r) not in self._moved for r in active]
+            keep = [i for i, g in enumerate(going) if g]
             moved = [r for r in active if r.finish is None and id(r) in self._moved]
             if moved and (self.whole_batch or not batch.can_merge):  # re-encode every row
                 moved = [active[i] for i in keep] + moved
@@ -133,13 +137,15 @@ def fewshot_prompts(n: int, markers, calculator, seed: int = 0) -> list[str]:
     block = "".join(f"Q: What is {e}?\nA:{render(ApiCall('Calculator', e), markers, r)} {r}\n"
                     for e, r in zip(SHOTS, results))
     rng = random.Random(seed)
-    questions = [f"{rng.randint(11, 999)} {rng.choice('+-*/')} {rng.randint(2, 99)}" for _ in range(n)]
+    questions = [f"{rng.randint(11, 999)} {rng.choice('+-*/')} {rng.randint(2, 99)}"
+                 for _ in range(n)]
     return [f"{block}Q: What is {q}?\nA:" for q in questions]
 
 
 @contextmanager
 def _prefills(log: list):
-    """Record (rows, tokens, seconds) of every prefill a decoder makes: the prompts', then re-encodes."""
+    """Record (rows, tokens, seconds) of every prefill a decoder makes: the prompts', then
+    re-encodes."""
     orig = KVBatch.add
 
     def add(self, seqs):
@@ -209,13 +215,15 @@ def bench_decoding(cfg: Config, repeat: int = 2, max_calls: list[int] | None = N
                 example = kv["_example"]
                 kv_outputs = kv["_outputs"]
                 for resume, r in best.items():
-                    # greedy: the same tokens are expected; bf16 rounding may differ between a prefill and
-                    # one-token steps, so count rather than assert
-                    r["identical_to_kv"] = sum(a == b for a, b in zip(r.pop("_outputs"), kv_outputs))
+                    # greedy: the same tokens are expected; bf16 rounding may differ between a
+                    # prefill and one-token steps, so count rather than assert
+                    same = [a == b for a, b in zip(r.pop("_outputs"), kv_outputs)]
+                    r["identical_to_kv"] = sum(same)
                     r.pop("_example")
                     if resume != "kv":
                         r["kv_speedup"] = kv["tokens_per_s"] / r["tokens_per_s"]
-                        r["kv_speedup_decode"] = kv["decode_tokens_per_s"] / r["decode_tokens_per_s"]
+                        r["kv_speedup_decode"] = (kv["decode_tokens_per_s"]
+                                                  / r["decode_tokens_per_s"])
                 out["runs"][f"{mode}, max_calls={n_calls}"] = {"mode": mode, "max_calls": n_calls,
                                                                "example": example, **best}
         finally:
@@ -241,11 +249,13 @@ def print_decoding(r: dict) -> None:
                                  f"decode phase {x['decode_tokens_per_s']:.1f} tok/s; "
                                  f"calls {x['calls']}, tool runs {x['calls_ran']} "
                                  f"(rows with one {x['rows_with_call']}/{r['prompts']}), "
-                                 f"re-encoded {x['reencoded_tokens']} tokens in {x['reencodes']} prefills"))
+                                 f"re-encoded {x['reencoded_tokens']} tokens in "
+                                 f"{x['reencodes']} prefills"))
         for resume in RESUMES[1:]:
             x = run[resume]
             rows.append((f"kv / {resume}",
-                         f"{x['kv_speedup']:.2f}x end to end, {x['kv_speedup_decode']:.2f}x decode phase; "
+                         f"{x['kv_speedup']:.2f}x end to end, "
+                         f"{x['kv_speedup_decode']:.2f}x decode phase; "
                          f"outputs identical to kv {x['identical_to_kv']}/{r['prompts']}"))
         _print_table(f"decoding: {name} ({r['prompts']} prompts of {r['prompt_tokens']} tokens, "
                      f"max_new_tokens {r['max_new_tokens']}, {r['torch_threads']} torch threads, "
@@ -256,19 +266,23 @@ def print_decoding(r: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=None)
-    ap.add_argument("-s", "--set", dest="overrides", action="append", default=[], help="key.path=value")
-    ap.add_argument("--repeat", type=int, default=2, help="timed rounds per mode (the best is kept)")
+    ap.add_argument("-s", "--set", dest="overrides", action="append", default=[],
+                    help="key.path=value")
+    ap.add_argument("--repeat", type=int, default=2, help="timed rounds per mode (the best kept)")
     ap.add_argument("--max-calls", type=int, nargs="+", default=None,
                     help="default: inference.max_calls and 3")
-    ap.add_argument("--scenarios", nargs="+", default=["forced", "tools"], choices=["forced", "tools"])
+    ap.add_argument("--scenarios", nargs="+", default=["forced", "tools"],
+                    choices=["forced", "tools"])
     ap.add_argument("--output", default="benchmarks/results")
     args = ap.parse_args()
 
     cfg = load_config(args.config, args.overrides)
-    results: dict = {"config_hash": cfg.config_hash(), "model": cfg.model.path, "dtype": cfg.model.dtype,
-                     "torch_threads": torch.get_num_threads(), "host": platform.node(),
+    results: dict = {"config_hash": cfg.config_hash(), "model": cfg.model.path,
+                     "dtype": cfg.model.dtype, "torch_threads": torch.get_num_threads(),
+                     "host": platform.node(),
                      "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     results["decoding"] = bench_decoding(cfg, args.repeat, args.max_calls, tuple(args.scenarios))
     print_decoding(results["decoding"])

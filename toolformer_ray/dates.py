@@ -1,4 +1,5 @@
-"""The one date parser: what counts as a document's date, for the corpus reader and the Calendar tool."""
+"""The one date parser: what counts as a document's date, for the corpus reader and the Calendar
+tool."""
 from __future__ import annotations
 
 import datetime as dt
@@ -10,7 +11,8 @@ MIN_YEAR, MAX_YEAR = 1000, 2999  # a "date" outside this is a parsing accident, 
 _ISO = re.compile(r"\s*(\d{4})(-?)(\d{1,2})\2(\d{1,2})(?:[T ][0-9:.]*(?:Z|[+-]\d{2}:?\d{2})?)?\s*")
 # /2023/01/30/, /2023-01-30-, _20230130_ ... in a URL's path (news sites, blogs).
 _URL_HOST = re.compile(r"^[a-z][a-z0-9+.-]*://[^/]*", re.IGNORECASE)
-_URL_DATE = re.compile(r"(?<!\d)((?:19|20)\d{2})([/_-]?)(0[1-9]|1[0-2])\2(0[1-9]|[12]\d|3[01])(?!\d)")
+_URL_DATE = re.compile(
+    r"(?<!\d)((?:19|20)\d{2})([/_-]?)(0[1-9]|1[0-2])\2(0[1-9]|[12]\d|3[01])(?!\d)")
 
 
 def make_date(year: int, month: int, day: int) -> dt.date | None:
@@ -44,7 +46,8 @@ def iso_date(value) -> str | None:
 
 
 def date_from_url(url) -> str | None:
-    """The first valid date in a URL's path (e.g. https://example.com/2023/01/30/story), ISO; else None."""
+    """The first valid date in a URL's path (e.g. https://example.com/2023/01/30/story), ISO; else
+    None."""
     if not isinstance(url, str):
         return None
     path = _URL_HOST.sub("", url.strip())  # a date-like host name is not the document's date

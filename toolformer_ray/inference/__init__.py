@@ -9,7 +9,8 @@ Tool calls run through tools/executor.py, the executor the data job uses.
 """
 from toolformer_ray.inference.calls import RAN, CallRecord, Transcript
 from toolformer_ray.inference.decoder import MODES, ToolDecoder
-from toolformer_ray.inference.run import decoder_from_config, load_tools, run_infer, set_torch_threads
+from toolformer_ray.inference.run import (decoder_from_config, load_tools, run_infer,
+                                          set_torch_threads)
 
-__all__ = ["MODES", "RAN", "CallRecord", "ToolDecoder", "Transcript", "decoder_from_config", "load_tools",
-           "run_infer", "set_torch_threads"]
+__all__ = ["MODES", "RAN", "CallRecord", "ToolDecoder", "Transcript", "decoder_from_config",
+           "load_tools", "run_infer", "set_torch_threads"]

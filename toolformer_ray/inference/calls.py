@@ -1,8 +1,8 @@
 """The calls in one output, tracked on its decoded text.
 
-Markers are found on decoded text, never on single token ids (")]" is one token in SmolLM2). A row is in
-one of four phases: TEXT, NAME (after the API-start marker, until "Name("), ARGS (the input, until the
-result or end marker) and WAIT (its tool is running).
+Markers are found on decoded text, never on single token ids (")]" is one token in SmolLM2). A row
+is in one of four phases: TEXT, NAME (after the API-start marker, until "Name("), ARGS (the input,
+until the result or end marker) and WAIT (its tool is running).
 """
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import torch
 
 from toolformer_ray.api_text import ApiCall, Markers, parse_call_body
 
-# Call outcomes. A tool ran for: ok (a result), no_result (the tool returned None), error (it raised or
-# timed out). No tool ran for: closed (the model wrote the end marker without asking for a result),
-# malformed (unparsable call, a newline inside it, or no marker within max_call_tokens; closed with "]"),
-# unclosed (the output ended inside the call).
+# Call outcomes. A tool ran for: ok (a result), no_result (the tool returned None), error (it raised
+# or timed out). No tool ran for: closed (the model wrote the end marker without asking for a
+# result), malformed (unparsable call, a newline inside it, or no marker within max_call_tokens;
+# closed with "]"), unclosed (the output ended inside the call).
 RAN = ("ok", "no_result", "error")
 
 
@@ -50,7 +50,7 @@ class CallRecord:
 class Transcript:
     prompt: str
     text: str  # the continuation as decoded: calls and their results inline
-    final_text: str  # the continuation with the calls removed (cut at a stop string): what metrics read
+    final_text: str  # the continuation without the calls, cut at a stop string: what metrics read
     calls: list[CallRecord]
     finish_reason: str  # eos | length | stop
     n_generated: int  # tokens chosen by the model (tool results excluded)
@@ -132,13 +132,14 @@ def call_body(text: str, markers: Markers) -> str:
 
 def scan(body: str, markers: Markers) -> tuple[Scan, ApiCall | None, int]:
     """Read an open call's body. RESULT: the call (None if it does not parse) and the number of
-    characters written past the result marker; END: the call and where the end marker ends in body."""
+    characters written past the result marker; END: the call and where its end marker ends."""
     res_mk = markers.result.strip()
     end_mk = markers.end.strip()
     i_res = body.find(res_mk)
     i_end = body.find(end_mk)
     if i_res >= 0 and (i_end < 0 or i_res < i_end):
-        return Scan.RESULT, parse_call_body(body[:i_res].rstrip(), None), len(body) - i_res - len(res_mk)
+        past = len(body) - i_res - len(res_mk)
+        return Scan.RESULT, parse_call_body(body[:i_res].rstrip(), None), past
     if i_end >= 0:
         return Scan.END, parse_call_body(body[:i_end], None), i_end + len(end_mk)
     return (Scan.MALFORMED if "\n" in body else Scan.OPEN), None, 0
@@ -151,7 +152,7 @@ def stop_at(text: str, stops: list[str]) -> int | None:
     return min(hits) if hits else None
 
 
-# -- the tool-name constraint ------------------------------------------------------------------------
+# -- the tool-name constraint -------------------------------------------------------------------
 
 def name_mask(body: str, targets: list[str], vocab: tuple[list[str], list[int]], size: int,
               device) -> torch.Tensor:

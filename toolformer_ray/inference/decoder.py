@@ -1,15 +1,18 @@
-"""Tool-aware decoding (paper, section 4.2): generate text, and whenever the model writes a call and the
-result marker ("[Calculator(400/1400) ->"), pause that row, run the tool, append " result]" and go on.
+"""Tool-aware decoding (paper, section 4.2): generate text, and whenever the model writes a call and
+the result marker ("[Calculator(400/1400) ->"), pause that row, run the tool, append " result]" and
+go on.
 
-- Many prompts decode at once over one KV cache (kv.py). Rows that finish leave the batch and waiting
-  prompts take their place (continuous batching), so a long answer does not hold up the rest.
+- Many prompts decode at once over one KV cache (kv.py). Rows that finish leave the batch and
+  waiting prompts take their place (continuous batching), so a long answer does not hold up the
+  rest.
 - A call starts whenever the API-start marker's first token is among the top `top_k_start` tokens
-  (paper: k = 10), not only when it is the argmax; the rest of a multi-token marker is forced. Then the
-  tool name is constrained to the allowed tools. calls.py follows each row's calls on its text.
-- At the result marker the call goes to the tool executor (tools/executor.py, as in the data job: the
-  same de-duplication, cache, batching and deadlines). Its suffix " r]" (or "]" for no result / an
-  error) is then fed one token per step from the kept KV cache while the other rows go on decoding.
-  With `async_tools` a row waiting on a slow tool feeds masked placeholder positions ("holes").
+  (paper: k = 10), not only when it is the argmax; the rest of a multi-token marker is forced. Then
+  the tool name is constrained to the allowed tools. calls.py follows each row's calls on its text.
+- At the result marker the call goes to the tool executor (tools/executor.py, as in the data job:
+  the same de-duplication, cache, batching and deadlines). Its suffix " r]" (or "]" for no result /
+  an error) is then fed one token per step from the kept KV cache while the other rows go on
+  decoding. With `async_tools` a row waiting on a slow tool feeds masked placeholder positions
+  ("holes").
 
 Modes: "tools" (the paper's rule), "disabled" (p(API-start) = 0: the start token is masked) and
 "forced" (ablation: every output begins with a call to one of the allowed tools).
@@ -26,8 +29,8 @@ import torch
 from toolformer_ray.api_text import Markers, render_result_suffix
 from toolformer_ray.config import InferenceConfig, ToolConfig
 from toolformer_ray.errors import UserError
-from toolformer_ray.inference.calls import (CallRecord, CallTracker, Phase, Scan, Transcript, call_body,
-                                            name_mask, scan, sorted_vocab, stop_at)
+from toolformer_ray.inference.calls import (CallRecord, CallTracker, Phase, Scan, Transcript,
+                                            call_body, name_mask, scan, sorted_vocab, stop_at)
 from toolformer_ray.inference.kv import KVBatch
 from toolformer_ray.tools.base import Tool
 from toolformer_ray.tools.executor import LocalToolExecutor, wait_any
@@ -40,7 +43,7 @@ class Row:
     index: int  # position in the caller's list
     prompt_ids: list[int]
     date: str | None
-    ids: list[int] = field(default_factory=list)  # every token after the prompt, generated or forced
+    ids: list[int] = field(default_factory=list)  # every token after the prompt, chosen or forced
     n_fed: int = 0  # tokens in the KV cache (prompt included)
     forced: deque = field(default_factory=deque)  # tokens to feed before the model chooses again
     n_generated: int = 0  # tokens the model chose (tool results excluded)
@@ -59,8 +62,8 @@ class Session:
 
 
 class ToolDecoder:
-    """Batched tool-aware decoding with a kept KV cache. `tools` maps names to built tools; their calls
-    run under `tool_configs[name]` (timeout_s, batch_size: the data job's rules), by default a
+    """Batched tool-aware decoding with a kept KV cache. `tools` maps names to built tools; their
+    calls run under `tool_configs[name]` (timeout_s, batch_size: the data job's rules), by default a
     ToolConfig with timeout_s = cfg.tool_timeout_s."""
 
     def __init__(self, model, tokenizer, tools: dict[str, Tool], markers: Markers,
@@ -79,19 +82,20 @@ class ToolDecoder:
         if not self.start_ids:
             raise UserError(f"the API-start marker {markers.start!r} encodes to no tokens")
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        self.eos_ids = {i for i in [*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id]
-                        if i is not None}
+        eos = [*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id]
+        self.eos_ids = {i for i in eos if i is not None}
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else next(iter(self.eos_ids), 0)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self._executor: LocalToolExecutor | None = None
 
-    def generate(self, prompts: list[str], mode: str = "tools", allowed_tools: list[str] | None = None,
-                 dates: list[str | None] | None = None, max_new_tokens: int | None = None,
-                 stop: list[str] | None = None, seed: int = 0) -> list[Transcript]:
+    def generate(self, prompts: list[str], mode: str = "tools",
+                 allowed_tools: list[str] | None = None, dates: list[str | None] | None = None,
+                 max_new_tokens: int | None = None, stop: list[str] | None = None,
+                 seed: int = 0) -> list[Transcript]:
         """Continue each prompt; one transcript per prompt, in order. allowed_tools: default all of
-        `self.tools`; dates: per-prompt ISO dates for tools that use one (Calendar); stop: strings that
-        end an output (looked for in the text without calls, after its leading whitespace)."""
+        `self.tools`; dates: per-prompt ISO dates for tools that use one (Calendar); stop: strings
+        that end an output (looked for in the text without calls, after its leading whitespace)."""
         if mode not in MODES:
             raise UserError(f"unknown decoding mode {mode!r}; choose one of {', '.join(MODES)}")
         names = sorted(self.tools if allowed_tools is None else allowed_tools)
@@ -160,11 +164,12 @@ class ToolDecoder:
         logits[~can_start, s0] = float("-inf")  # disabled mode, calls used up, or inside a call
         for i, r in enumerate(active):
             if r.calls.phase is Phase.NAME and not r.forced:
-                logits[i] += name_mask(call_body(self._text(r.ids[r.calls.open.start:]), self.markers),
-                                       [f"{n}(" for n in s.names], sorted_vocab(self.tok),
+                body = call_body(self._text(r.ids[r.calls.open.start:]), self.markers)
+                logits[i] += name_mask(body, [f"{n}(" for n in s.names], sorted_vocab(self.tok),
                                        self.vocab_size, logits.device)
-        start_in_topk = (logits.topk(min(self.cfg.top_k_start, logits.shape[-1])).indices == s0).any(-1)
-        if self.cfg.temperature > 0:  # drawn on the CPU with the seeded generator, whatever the device
+        top_k = logits.topk(min(self.cfg.top_k_start, logits.shape[-1])).indices
+        start_in_topk = (top_k == s0).any(-1)
+        if self.cfg.temperature > 0:  # drawn on the CPU with the seeded generator, on any device
             probs = torch.softmax(logits / self.cfg.temperature, -1).cpu()
             picks = torch.multinomial(probs, 1, generator=s.gen).squeeze(-1).tolist()
         else:
@@ -201,8 +206,8 @@ class ToolDecoder:
         return feed
 
     def _can_start(self, s: Session, r: Row) -> bool:
-        return (r.calls.phase is Phase.TEXT and r.calls.started < self.cfg.max_calls and bool(s.names)
-                and s.mode != "disabled")
+        return (r.calls.phase is Phase.TEXT and r.calls.started < self.cfg.max_calls
+                and bool(s.names) and s.mode != "disabled")
 
     def _advance(self, s: Session, r: Row, tok: int):
         """Follow a row's text after a token the model chose; returns a call to run (False: one that
@@ -256,7 +261,8 @@ class ToolDecoder:
             self._executor = LocalToolExecutor(self.tool_configs, tools=self.tools,
                                                threads=self.cfg.tool_threads)
         for name, items in by_tool.items():
-            pending = self._executor.submit(name, [c.input for _, c in items], [r.date for r, _ in items])
+            inputs = [c.input for _, c in items]
+            pending = self._executor.submit(name, inputs, [r.date for r, _ in items])
             for k, (r, call) in enumerate(items):
                 r.calls.open.phase = Phase.WAIT
                 r.calls.open.call = call
@@ -272,11 +278,13 @@ class ToolDecoder:
         o = r.calls.open
         result = o.pending.get()[o.slot]
         ran = o.pending.outcomes()[o.slot] == "ok"  # else a timeout or a failure: an empty result
-        self._resume(r, o.call, result, "error" if not ran else "ok" if result is not None else "no_result")
+        status = "error" if not ran else "ok" if result is not None else "no_result"
+        self._resume(r, o.call, result, status)
 
     def _resume(self, r: Row, call, result: str | None, status: str) -> None:
         r.forced.extend(self._encode(render_result_suffix(result, self.markers)))
-        self._close_after_forced(r, CallRecord(call and call.tool, call and call.input, result, status))
+        rec = CallRecord(call and call.tool, call and call.input, result, status)
+        self._close_after_forced(r, rec)
 
     def _close_after_forced(self, r: Row, rec: CallRecord) -> None:
         # The call ends after the queued tokens: its span in characters is known now.
@@ -300,7 +308,7 @@ class ToolDecoder:
         text = self._text(r.ids)
         final = r.calls.final_text(text)
         cut = stop_at(final, s.stop) if s.stop else None
-        return Transcript(prompt=prompt, text=text, final_text=final if cut is None else final[:cut],
+        return Transcript(prompt=prompt, text=text, final_text=final[:cut],
                           calls=r.calls.finish(text), finish_reason=r.finish or "length",
                           n_generated=r.n_generated, token_ids=list(r.ids))
 

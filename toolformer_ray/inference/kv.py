@@ -1,7 +1,7 @@
 """The KV cache of the rows decoding together, and their 2-D attention mask (0 = padding or a hole).
 
-Rows are left-padded; position ids are passed explicitly (the count of real tokens), so padding and holes
-are invisible to the model: the result equals decoding each row alone, up to float rounding.
+Rows are left-padded; position ids are passed explicitly (the count of real tokens), so padding and
+holes are invisible to the model: the result equals decoding each row alone, up to float rounding.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ class KVBatch:
 
     @property
     def can_merge(self) -> bool:
-        # Merging rows into a live cache needs plain full-attention layers (true for Llama-family models).
+        # Merging rows into a live cache needs plain full-attention layers (true for Llama-family
+        # models).
         return all(type(layer) is DynamicLayer for layer in self.cache.layers)
 
     def add(self, seqs: list[list[int]]) -> torch.Tensor:
@@ -35,8 +36,8 @@ class KVBatch:
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
         if self.mask is None:
             self.cache = cache
             self.mask = mask

@@ -20,8 +20,8 @@ def load_tools(cfg: Config, names: list[str] | None = None,
                strict: bool = True) -> tuple[dict[str, Tool], dict[str, str]]:
     """Build the named tools (default: the config's enabled tools) in-process.
 
-    Returns (tools, failed): with strict=False a tool that cannot be built (missing index or weights) is
-    left out and its error recorded instead of stopping the run.
+    Returns (tools, failed): with strict=False a tool that cannot be built (missing index or
+    weights) is left out and its error recorded instead of stopping the run.
     """
     names = list(cfg.enabled_tools()) if names is None else names
     tools, failed = {}, {}

@@ -1,9 +1,10 @@
 """Calendar: no input; "Today is Monday, January 30, 2023." for the document's date.
 
-The date comes from the document (`Document.date`, filled by the corpus reader from a date field or the
-record's URL), or, in inference, from the run (today unless one is given); `toolformer_ray.dates` says
-what a date is, for both. The paper drops documents without a date: so does the pre-filter. The
-module is not named calendar.py, which would shadow the standard library's `calendar`.
+The date comes from the document (`Document.date`, filled by the corpus reader from a date field or
+the record's URL), or, in inference, from the run (today unless one is given);
+`toolformer_ray.dates` says what a date is, for both. The paper drops documents without a date: so
+does the pre-filter. The module is not named calendar.py, which would shadow the standard library's
+`calendar`.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ _MONTHS = ("January", "February", "March", "April", "May", "June", "July", "Augu
 
 
 def describe_date(date: dt.date) -> str:
-    return f"Today is {_WEEKDAYS[date.weekday()]}, {_MONTHS[date.month - 1]} {date.day}, {date.year}."
+    weekday = _WEEKDAYS[date.weekday()]
+    return f"Today is {weekday}, {_MONTHS[date.month - 1]} {date.day}, {date.year}."
 
 
 @register

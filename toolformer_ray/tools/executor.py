@@ -1,34 +1,36 @@
-"""Executing tool calls: de-duplicated, cached, batched, bounded in time, and surviving dead workers.
+"""Running tool calls: de-duplicated, cached, batched, bounded in time, surviving dead workers.
 
 Two executors with one interface, used by the data job and by inference (the decoder runs its calls
 through a LocalToolExecutor, so a tool has the same timeout, retry and cache rules in both):
 
-    ex = RayToolExecutor(cfg.enabled_tools())     # or LocalToolExecutor(...) in-process (--no-ray, tests)
+    ex = RayToolExecutor(cfg.enabled_tools())  # or LocalToolExecutor(...): in-process
     pending = ex.submit("Calculator", ["400/1400", "2+2"], [None, None])   # returns at once
     pending.get()                                  # -> ["0.29", "4"], in input order
     ex.stats()                                     # -> {"Calculator": {"calls": 2, ...}}
     ex.shutdown()
 
 Semantics (both executors):
-- A call's identity is (tool, tool.version, input, date if the tool uses dates). Each distinct call runs
-  once; later identical calls (in the same batch, in-flight or done) share its result. The cache is the
-  executor's own dict in the driver process: it lives as long as the executor (one run, or one inference
-  session), is not persisted, and holds every distinct call (inputs are short strings).
+- A call's identity is (tool, tool.version, input, date if the tool uses dates). Each distinct call
+  runs once; later identical calls (in the same batch, in-flight or done) share its result. The
+  cache is the executor's own dict in the driver process: it lives as long as the executor (one run,
+  or one inference session), is not persisted, and holds every distinct call (inputs are short
+  strings).
 - Results are cleaned (`clean_result`: one line, no brackets); None means "no result".
-- A batch of n calls has n * ToolConfig.timeout_s to finish. A batch that times out, crashes its worker
-  or raises is split and its calls re-run one by one, so one bad input cannot sink its neighbours. A call
-  that alone times out gets None (a timeout); a call whose worker died is retried up to
-  ToolConfig.max_retries times, on a restarted worker, then gets None (a failure). Every call resolves:
-  nothing is dropped and `get()` cannot hang.
-- `stats()` per tool: calls (submitted), distinct (executed or executing), cache_hits (= calls answered
-  by an earlier identical call), executed (distinct calls the tool answered), no_result (of those, None),
-  failures, timeouts, retries (re-executions), worker_restarts. calls = distinct + cache_hits and
-  distinct = executed + failures + timeouts + (still running).
+- A batch of n calls has n * ToolConfig.timeout_s to finish. A batch that times out, crashes its
+  worker or raises is split and its calls re-run one by one, so one bad input cannot sink its
+  neighbours. A call that alone times out gets None (a timeout); a call whose worker died is retried
+  up to ToolConfig.max_retries times, on a restarted worker, then gets None (a failure). Every call
+  resolves: nothing is dropped and `get()` cannot hang.
+- `stats()` per tool: calls (submitted), distinct (executed or executing), cache_hits (= calls
+  answered by an earlier identical call), executed (distinct calls the tool answered), no_result (of
+  those, None), failures, timeouts, retries (re-executions), worker_restarts. calls = distinct +
+  cache_hits and distinct = executed + failures + timeouts + (still running).
 
-Ray pools: one pool of actors per tool, ToolConfig.workers actors with worker_cpus / worker_gpus each.
-Actors are stateless apart from the tool's read-only resources (loaded once, at start), so any worker can
-take any call. A driver thread feeds idle workers, splits the queue evenly across them, watches deadlines,
-and replaces workers that died (or that it killed for running past their deadline).
+Ray pools: one pool of actors per tool, ToolConfig.workers actors with worker_cpus / worker_gpus
+each. Actors are stateless apart from the tool's read-only resources (loaded once, at start), so any
+worker can take any call. A driver thread feeds idle workers, splits the queue evenly across them,
+watches deadlines, and replaces workers that died (or that it killed for running past their
+deadline).
 """
 from __future__ import annotations
 
@@ -133,10 +135,13 @@ class _Executor:
         self._stats = {name: ToolStats() for name in self.configs}
         self._closed = False
 
-    def submit(self, tool: str, inputs: list[str], dates: list[str | None] | None = None) -> Pending:
-        """Queue calls of one tool (non-blocking); `Pending.get()` gives the results in input order."""
+    def submit(self, tool: str, inputs: list[str],
+               dates: list[str | None] | None = None) -> Pending:
+        """Queue calls of one tool (non-blocking); `Pending.get()` gives the results in input
+        order."""
         if tool not in self.configs:
-            raise UserError(f"tool {tool!r} is not configured here; configured: {', '.join(self.configs)}")
+            raise UserError(f"tool {tool!r} is not configured here; configured: "
+                            f"{', '.join(self.configs)}")
         dates = [None] * len(inputs) if dates is None else list(dates)
         if len(dates) != len(inputs):
             raise ValueError(f"{len(inputs)} inputs but {len(dates)} dates")
@@ -147,7 +152,8 @@ class _Executor:
                 raise RuntimeError("the tool executor has been shut down")
             stats = self._stats[tool]
             for inp, date in zip(inputs, dates):
-                inp = inp if isinstance(inp, str) else str(inp)  # None -> "None": no result, not a crash
+                # None -> "None": no result, not a crash
+                inp = inp if isinstance(inp, str) else str(inp)
                 date = date if cls.uses_date else None
                 key = (tool, cls.version, inp, date)
                 stats.calls += 1
@@ -163,7 +169,8 @@ class _Executor:
             self._enqueue(tool, new)
         return Pending(slots, self._cond)
 
-    def run(self, tool: str, inputs: list[str], dates: list[str | None] | None = None) -> list[str | None]:
+    def run(self, tool: str, inputs: list[str],
+            dates: list[str | None] | None = None) -> list[str | None]:
         """submit + get."""
         return self.submit(tool, inputs, dates).get()
 
@@ -223,14 +230,15 @@ def _batches(calls: list[_Call], size: int) -> list[list[_Call]]:
 class LocalToolExecutor(_Executor):
     """In-process execution (--no-ray, tests, inference).
 
-    `tools`: tools built and loaded already (inference hands over its own); otherwise each configured
-    tool is built and loaded here. `threads` = 0: calls run inside `submit` (the data job); n > 0: in a
-    pool of n threads, so `submit` returns at once and calls of different tools run in parallel (the
-    decoder goes on decoding other rows meanwhile).
+    `tools`: tools built and loaded already (inference hands over its own); otherwise each
+    configured tool is built and loaded here. `threads` = 0: calls run inside `submit` (the data
+    job); n > 0: in a pool of n threads, so `submit` returns at once and calls of different tools
+    run in parallel (the decoder goes on decoding other rows meanwhile).
 
-    A time limit cannot stop Python code in the same process: a batch runs in a daemon thread, and one
-    that outlives its deadline is abandoned (its calls then run one by one; the one that is still too
-    slow gets None as a timeout). There is no process to crash, so max_retries does not apply.
+    A time limit cannot stop Python code in the same process: a batch runs in a daemon thread, and
+    one that outlives its deadline is abandoned (its calls then run one by one; the one that is
+    still too slow gets None as a timeout). There is no process to crash, so max_retries does not
+    apply.
     """
 
     def __init__(self, tool_configs: dict, tool_classes: dict[str, type[Tool]] | None = None,
@@ -246,7 +254,9 @@ class LocalToolExecutor(_Executor):
             tool = self.classes[name](tc.options)
             tool.load()
             self.tools[name] = tool
-        self._threads = cf.ThreadPoolExecutor(threads, thread_name_prefix="tools") if threads else None
+        self._threads = None
+        if threads:
+            self._threads = cf.ThreadPoolExecutor(threads, thread_name_prefix="tools")
 
     def _enqueue(self, tool: str, calls: list[_Call]) -> None:
         if self._threads is None:
@@ -275,8 +285,8 @@ class LocalToolExecutor(_Executor):
 
         def target():
             try:
-                box["results"] = _checked(self.tools[tool].run([c.input for c in batch], [c.date for c in batch]),
-                                          len(batch))
+                results = self.tools[tool].run([c.input for c in batch], [c.date for c in batch])
+                box["results"] = _checked(results, len(batch))
             except BaseException as e:  # noqa: BLE001 - a tool broke its contract; recorded as a failure
                 box["error"] = e
 
@@ -291,7 +301,8 @@ class LocalToolExecutor(_Executor):
         return box["results"], "ok"
 
     def shutdown(self) -> None:
-        """Calls not run yet are dropped and resolve as failures: nothing waits on a closed executor."""
+        """Calls not run yet are dropped and resolve as failures: nothing waits on a closed
+        executor."""
         with self._cond:
             self._closed = True
             unresolved = [(key[0], call) for key, call in self._cache.items() if not call.done]
@@ -302,20 +313,22 @@ class LocalToolExecutor(_Executor):
 
 
 class _Abandoned(BaseException):
-    """Raised inside a tool thread that ran past its deadline (BaseException: tools catch Exception)."""
+    """Raised inside a tool thread that ran past its deadline (BaseException: tools catch
+    Exception)."""
 
 
 def _stop_thread(thread: threading.Thread) -> None:
-    """Stop an abandoned tool thread rather than leave it spinning: raise _Abandoned in it. Python delivers
-    it at the thread's next bytecode, so a pure-Python loop stops at once; a thread blocked inside one C
-    call (a sleep, a socket read) stops when that call returns."""
+    """Stop an abandoned tool thread rather than leave it spinning: raise _Abandoned in it. Python
+    delivers it at the thread's next bytecode, so a pure-Python loop stops at once; a thread blocked
+    inside one C call (a sleep, a socket read) stops when that call returns."""
     if thread.ident is not None:
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(_Abandoned))
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident),
+                                                   ctypes.py_object(_Abandoned))
 
 
 class ToolWorker:
-    """A Ray actor holding one loaded tool. Never raises from `run`: a batch that raises is re-run call
-    by call in the worker, and the calls that raise alone are reported back as failed."""
+    """A Ray actor holding one loaded tool. Never raises from `run`: a batch that raises is re-run
+    call by call in the worker, and the calls that raise alone are reported back as failed."""
 
     def __init__(self, cls: type[Tool], options: dict):
         self.tool = cls(options)
@@ -357,7 +370,8 @@ class _Pool:
     remote: object  # the ray.remote actor class with this pool's resources
     slots: list[_Slot] = field(default_factory=list)
     queue: deque = field(default_factory=deque)  # fresh calls, batched
-    retry: deque = field(default_factory=deque)  # calls to run one by one (after a crash, timeout, error)
+    # calls to run one by one (after a crash, a timeout, an error)
+    retry: deque = field(default_factory=deque)
     start_failures: int = 0
     broken: str | None = None  # why the pool cannot run calls any more
 
@@ -365,8 +379,9 @@ class _Pool:
 class RayToolExecutor(_Executor):
     """One pool of Ray actors per tool; see the module docstring for the guarantees.
 
-    Construction starts every pool and waits (up to `start_timeout_s`) until each worker has loaded its
-    tool, so a bad index path or model directory is a UserError here, not a run of empty results.
+    Construction starts every pool and waits (up to `start_timeout_s`) until each worker has loaded
+    its tool, so a bad index path or model directory is a UserError here, not a run of empty
+    results.
     """
 
     def __init__(self, tool_configs: dict, tool_classes: dict[str, type[Tool]] | None = None,
@@ -382,8 +397,8 @@ class RayToolExecutor(_Executor):
         actor_cls = ray.remote(ToolWorker)
         try:
             for name, tc in self.configs.items():
-                remote = actor_cls.options(num_cpus=tc.worker_cpus, num_gpus=tc.worker_gpus, max_restarts=0,
-                                           max_task_retries=0, max_concurrency=1)
+                remote = actor_cls.options(num_cpus=tc.worker_cpus, num_gpus=tc.worker_gpus,
+                                           max_restarts=0, max_task_retries=0, max_concurrency=1)
                 pool = self._pools[name] = _Pool(name, tc, self.classes[name], remote)
                 for _ in range(tc.workers):
                     slot = _Slot()
@@ -414,11 +429,13 @@ class RayToolExecutor(_Executor):
                 try:
                     ray.get(ref, timeout=max(0.0, slot.deadline - time.monotonic()))
                 except ray.exceptions.GetTimeoutError:
-                    raise UserError(f"{pool.name} workers did not start within {self.start_timeout_s:.0f} s "
-                                    f"(each asks for {pool.config.worker_cpus} CPU, {pool.config.worker_gpus} GPU: "
-                                    "does the cluster have them?)") from None
+                    raise UserError(f"{pool.name} workers did not start within "
+                                    f"{self.start_timeout_s:.0f} s (each asks for "
+                                    f"{pool.config.worker_cpus} CPU, {pool.config.worker_gpus} "
+                                    "GPU: does the cluster have them?)") from None
                 except ray.exceptions.RayError as e:
-                    raise UserError(f"{pool.name} workers could not start: {_root_cause(e)}") from None
+                    raise UserError(f"{pool.name} workers could not start: "
+                                    f"{_root_cause(e)}") from None
                 del self._refs[ref]
                 slot.state, slot.ref = "idle", None
 
@@ -442,7 +459,8 @@ class RayToolExecutor(_Executor):
         self._thread.join(timeout=10)
         self._kill_all()
         for pool in self._pools.values():
-            leftovers = list(pool.queue) + list(pool.retry) + [c for s in pool.slots for c in s.batch]
+            leftovers = list(pool.queue) + list(pool.retry)
+            leftovers += [c for s in pool.slots for c in s.batch]
             pool.queue.clear()
             pool.retry.clear()
             for call in leftovers:
@@ -451,7 +469,8 @@ class RayToolExecutor(_Executor):
     def worker_pids(self, tool: str) -> list[int]:
         """Process ids of a pool's live workers (for tests and debugging)."""
         ray = self._ray
-        return ray.get([s.actor.ready.remote() for s in self._pools[tool].slots if s.state != "starting"])
+        slots = [s for s in self._pools[tool].slots if s.state != "starting"]
+        return ray.get([s.actor.ready.remote() for s in slots])
 
     # -- the driver thread ------------------------------------------------------------------------
     def _enqueue(self, tool: str, calls: list[_Call]) -> None:
@@ -474,7 +493,8 @@ class RayToolExecutor(_Executor):
             self._die(f"the tool pools' driver thread died: {type(e).__name__}: {e}")
 
     def _die(self, reason: str) -> None:
-        """Every unresolved call fails, and later ones fail at once: nothing waits on a dead thread."""
+        """Every unresolved call fails, and later ones fail at once: nothing waits on a dead
+        thread."""
         with self._cond:
             self._dead = reason
             leftovers = []
@@ -511,8 +531,8 @@ class RayToolExecutor(_Executor):
             self._check_deadlines()
 
     def _dispatch(self) -> None:
-        """Give work to idle workers (called with the lock held): retries one call at a time, fresh calls
-        split evenly across the idle workers, at most batch_size each."""
+        """Give work to idle workers (called with the lock held): retries one call at a time, fresh
+        calls split evenly across the idle workers, at most batch_size each."""
         now = time.monotonic()
         for pool in self._pools.values():
             idle = [s for s in pool.slots if s.state == "idle"]
@@ -521,7 +541,8 @@ class RayToolExecutor(_Executor):
                     batch = [pool.retry.popleft()]
                 elif pool.queue:
                     share = math.ceil(len(pool.queue) / (len(idle) - k))
-                    batch = [pool.queue.popleft() for _ in range(min(pool.config.batch_size, share))]
+                    n = min(pool.config.batch_size, share)
+                    batch = [pool.queue.popleft() for _ in range(n)]
                 else:
                     break
                 slot.state, slot.batch = "busy", batch
@@ -547,7 +568,7 @@ class RayToolExecutor(_Executor):
         batch = slot.batch
         try:
             results, failed = ray.get(ref)
-        except ray.exceptions.RayTaskError:  # an exception escaped the worker: treat like a bad batch
+        except ray.exceptions.RayTaskError:  # an exception escaped the worker: a bad batch
             with self._cond:
                 slot.state, slot.ref, slot.batch = "idle", None, []
             self._split_or_fail(pool, batch, "failure")
@@ -587,7 +608,8 @@ class RayToolExecutor(_Executor):
                 self._resolve(pool.name, call, None, outcome)
 
     def _start_failed(self, pool: _Pool, slot: _Slot, reason: str) -> None:
-        """A replacement worker could not start: try again a few times, then declare the pool broken."""
+        """A replacement worker could not start: try again a few times, then declare the pool
+        broken."""
         self._count(pool.name, worker_restarts=1)
         with self._cond:
             pool.start_failures += 1
@@ -606,7 +628,8 @@ class RayToolExecutor(_Executor):
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
-        expired = [(ref, pool, slot) for ref, (pool, slot) in list(self._refs.items()) if slot.deadline < now]
+        expired = [(ref, pool, slot) for ref, (pool, slot) in list(self._refs.items())
+                   if slot.deadline < now]
         for ref, pool, slot in expired:
             self._refs.pop(ref, None)
             try:
@@ -623,13 +646,14 @@ class RayToolExecutor(_Executor):
             self._split_or_fail(pool, batch, "timeout")
 
     def pool_errors(self) -> dict[str, str]:
-        """Pools that stopped running calls, with the reason (also visible as failures in stats); all of
-        them, with the driver thread's error, if that thread died."""
+        """Pools that stopped running calls, with the reason (also visible as failures in stats);
+        all of them, with the driver thread's error, if that thread died."""
         return {name: p.broken for name, p in self._pools.items() if p.broken}
 
 
 def _root_cause(error: BaseException) -> str:
-    """The innermost message of a Ray error (an actor's __init__ exception, e.g. a missing index)."""
+    """The innermost message of a Ray error (an actor's __init__ exception, e.g. a missing
+    index)."""
     cause = getattr(error, "cause", None) or error.__cause__
     while cause is not None and (getattr(cause, "cause", None) or cause.__cause__) is not None:
         cause = getattr(cause, "cause", None) or cause.__cause__
