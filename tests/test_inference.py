@@ -112,7 +112,7 @@ class Script:
 
 
 def make_decoder(lm, tools, processor=None, resume="kv", **cfg):
-    # resume: "kv" is the library's ToolDecoder; "reencode", "reencode_batch" the benchmark's baselines
+    # resume "kv": the library's ToolDecoder; "reencode", "reencode_batch": benchmark baselines
     cfg.setdefault("max_new_tokens", 16)
     cfg.setdefault("top_k_start", 1)  # argmax only, unless a test is about the top-k rule
     return decoder_for(resume, lm.model, lm.tokenizer, {t.name: t for t in tools}, Markers(),
