@@ -21,7 +21,7 @@ from toolformer_ray.config import ToolConfig
 from toolformer_ray.generate import run_generate
 from toolformer_ray.tools import REGISTRY
 from toolformer_ray.tools.calculator import Calculator
-from toolformer_ray.tools.pool import RayToolExecutor
+from toolformer_ray.tools.executor import RayToolExecutor
 
 from caller_model import caller_model_dir, corpus_records
 from test_generate import make_cfg, tables, write_jsonl

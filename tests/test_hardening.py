@@ -22,7 +22,7 @@ from toolformer_ray.corpus import doc_id_for, list_shards, read_shard, split_tex
 from toolformer_ray.models import load_tokenizer, resolve_model_dir
 from toolformer_ray.tools.base import Tool
 from toolformer_ray.tools.calculator import Calculator
-from toolformer_ray.tools.pool import LocalToolExecutor
+from toolformer_ray.tools.executor import LocalToolExecutor
 
 ROOT = Path(__file__).resolve().parents[1]
 

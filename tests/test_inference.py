@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from benchmarks.decoding import make_decoder as decoder_for
 from toolformer_ray.api_text import Markers
 from toolformer_ray.config import InferenceConfig
 from toolformer_ray.inference import ToolDecoder
@@ -110,11 +111,12 @@ class Script:
         return logits
 
 
-def make_decoder(lm, tools, processor=None, **cfg):
+def make_decoder(lm, tools, processor=None, resume="kv", **cfg):
+    # resume "kv": the library's ToolDecoder; "reencode", "reencode_batch": benchmark baselines
     cfg.setdefault("max_new_tokens", 16)
     cfg.setdefault("top_k_start", 1)  # argmax only, unless a test is about the top-k rule
-    return ToolDecoder(lm.model, lm.tokenizer, {t.name: t for t in tools}, Markers(), InferenceConfig(**cfg),
-                       logits_processor=processor)
+    return decoder_for(resume, lm.model, lm.tokenizer, {t.name: t for t in tools}, Markers(),
+                       InferenceConfig(**cfg), logits_processor=processor)
 
 
 def greedy_from_scratch(lm, ids, n, processor, start_id=933, eos=2):

@@ -12,7 +12,8 @@ from toolformer_ray.cli import app
 from toolformer_ray.core.types import Document
 from toolformer_ray.tools import REGISTRY, _discover, build_tool, tool_class
 from toolformer_ray.tools.base import clean_result, unquote
-from toolformer_ray.tools.calendar_tool import date_from_url, describe_date, parse_date
+from toolformer_ray.dates import date_from_url, parse_date
+from toolformer_ray.tools.calendar_tool import describe_date
 
 CAL = build_tool("Calendar")
 

@@ -13,7 +13,7 @@ from pydantic import Field
 from toolformer_ray.config import ToolConfig
 from toolformer_ray.errors import UserError
 from toolformer_ray.tools.base import Tool, ToolOptions
-from toolformer_ray.tools.pool import LocalToolExecutor, RayToolExecutor
+from toolformer_ray.tools.executor import LocalToolExecutor, RayToolExecutor
 
 
 class FlakyOptions(ToolOptions):

@@ -196,9 +196,6 @@ class InferenceConfig(Section):
     temperature: float = Field(0.0, ge=0.0)  # 0 = greedy (the paper); > 0 samples (seeded by run.seed)
     stop: list[str] = []  # strings that end an output (looked for in the text without calls)
     batch_size: int = Field(16, gt=0)  # rows decoding together (continuous batching)
-    # "kv": resume from the kept KV cache after a tool result. Baselines of the decoding benchmark: "reencode"
-    # encodes the row's whole sequence again after its tool result; "reencode_batch" re-encodes every row.
-    resume: Literal["kv", "reencode", "reencode_batch"] = "kv"
     # False: the calls of one step run together (one batched run per tool, tools in parallel threads) and the
     # batch waits; exactly reproducible. True: a row waiting on a tool feeds masked placeholder positions
     # while the others keep decoding (for slow tools); outputs may then differ in float rounding between runs.
@@ -212,7 +209,7 @@ class InferenceConfig(Section):
     # CPU; "cuda" without CUDA is an error, never a silent CPU run.
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     not_hashed: ClassVar[frozenset[str]] = frozenset(
-        {"batch_size", "resume", "async_tools", "tool_threads", "tool_timeout_s", "torch_threads",
+        {"batch_size", "async_tools", "tool_threads", "tool_timeout_s", "torch_threads",
          "device"})
 
 

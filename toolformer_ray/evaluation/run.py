@@ -79,7 +79,8 @@ def run_eval(cfg, tasks: dict[str, str] | list[tuple[str, str]] | None = None, m
         label = model_label(model_path, taken)
         lm = load_model(model_path, cfg.model.dtype, cfg.model.cache_dir, cfg.model.tiny_seed,
                         device=pick_device(cfg.inference.device))
-        decoder = ToolDecoder(lm.model, lm.tokenizer, tools, markers, infer_cfg)
+        decoder = ToolDecoder(lm.model, lm.tokenizer, tools, markers, infer_cfg,
+                              tool_configs=cfg.tools)  # the data job's timeouts and batching
         try:
             for task, path, data in datasets:
                 data_label = _data_label(task, path)

@@ -1,5 +1,6 @@
 """Tool registry. A tool is one module in this package that defines a `Tool` subclass decorated with
-`@register`, plus its prompt file `toolformer_ray/prompts/<name>.txt` and an entry under `tools:` in a config.
+`@register`, plus its prompt file `toolformer_ray/prompts/<name>.txt` and an entry under `tools:` in
+a config.
 """
 from __future__ import annotations
 
@@ -24,13 +25,14 @@ _discovered = False
 def _discover() -> None:
     global _discovered
     for mod in pkgutil.iter_modules(__path__):
-        if mod.name not in ("base", "pool"):
+        if mod.name not in ("base", "executor", "pool"):  # not tool modules
             importlib.import_module(f"{__name__}.{mod.name}")
     _discovered = True
 
 
 def tool_class(name: str) -> type[Tool]:
-    # Not "if not REGISTRY": importing one tool module first (e.g. for a helper) registers only that tool.
+    # Not "if not REGISTRY": importing one tool module first (e.g. for a helper) registers only that
+    # tool.
     if name not in REGISTRY and not _discovered:
         _discover()
     if name not in REGISTRY:
@@ -54,5 +56,5 @@ def build_tools(tool_configs: dict) -> dict[str, Tool]:
     return {name: build_tool(name, tc.options) for name, tc in tool_configs.items()}
 
 
-__all__ = ["REGISTRY", "Tool", "ToolOptions", "build_tool", "build_tools", "register", "stable_fraction",
-           "tool_class", "tool_names"]
+__all__ = ["REGISTRY", "Tool", "ToolOptions", "build_tool", "build_tools", "register",
+           "stable_fraction", "tool_class", "tool_names"]

@@ -15,7 +15,8 @@ from toolformer_ray.core.types import Document
 
 
 class ToolOptions(BaseModel):
-    """Tool-specific options (the `options:` mapping of a tool's config). Unknown keys are errors."""
+    """Tool-specific options (the `options:` mapping of a tool's config). Unknown keys are
+    errors."""
     model_config = ConfigDict(extra="forbid")
 
 
@@ -31,8 +32,10 @@ class Tool:
 
     # -- data generation -------------------------------------------------------------------------
     def prompt(self) -> str:
-        """The few-shot prompt P_tool: instructions and examples, with `{text}` where the document goes."""
-        return resources.files("toolformer_ray.prompts").joinpath(f"{self.name.lower()}.txt").read_text()
+        """The few-shot prompt P_tool: instructions and examples, with `{text}` where the document
+        goes."""
+        prompts = resources.files("toolformer_ray.prompts")
+        return prompts.joinpath(f"{self.name.lower()}.txt").read_text()
 
     def prefilter(self, doc: Document) -> bool:
         """Appendix A.1 heuristics: is this document worth sampling calls for?"""
@@ -48,30 +51,28 @@ class Tool:
         """
 
     def run(self, inputs: list[str], dates: list[str | None] | None = None) -> list[str | None]:
-        """Results for a batch of call inputs; None = no result. `dates` are ISO dates for tools with uses_date."""
+        """Results for a batch of call inputs; None = no result. `dates` are ISO dates for tools
+        with uses_date."""
         raise NotImplementedError
 
     def diagnose(self, inp: str, date: str | None = None) -> str | None:
-        """Why `run` gives no result for this input, in one line (None when it gives one). For people
-        debugging a tool (`toolformer-ray tool`); `run` itself only ever says None."""
+        """Why `run` gives no result for this input, in one line (None when it gives one). For
+        people debugging a tool (`toolformer-ray tool`); `run` itself only ever says None."""
         if self.run([inp], [date])[0] is not None:
             return None
         return "the tool returned no result"
 
-    def cache_key(self, inp: str, date: str | None = None) -> str:
-        key = f"{self.name}\x00{self.version}\x00{inp}\x00{date if self.uses_date else ''}"
-        return hashlib.sha256(key.encode()).hexdigest()[:24]
-
 
 def stable_fraction(*parts: str) -> float:
-    """A deterministic number in [0, 1) from strings, for sampled pre-filters that must survive a resume."""
+    """A deterministic number in [0, 1) from strings, for sampled pre-filters that must survive a
+    resume."""
     h = hashlib.sha256("\x00".join(parts).encode()).digest()
     return int.from_bytes(h[:8], "big") / 2**64
 
 
 def unquote(text: str) -> str:
-    """The call input without surrounding whitespace and one pair of matching quotes: the paper writes
-    QA("Who is ...?") as well as QA(Who is ...?)."""
+    """The call input without surrounding whitespace and one pair of matching quotes: the paper
+    writes QA("Who is ...?") as well as QA(Who is ...?)."""
     text = text.strip()
     for left, right in (('"', '"'), ("'", "'"), ("\u201c", "\u201d"), ("\u2018", "\u2019")):
         if len(text) >= 2 and text.startswith(left) and text.endswith(right):

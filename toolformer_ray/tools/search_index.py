@@ -1,15 +1,17 @@
 """The BM25 passage index shared by WikiSearch and QA: built once, loaded by every worker.
 
-`build_index(passages, output)` reads passages {id, title, text} (jsonl, optionally .gz; local or s3://),
-indexes title + text with bm25s (English stop words, PyStemmer's English stemmer) and writes a directory:
+`build_index(passages, output)` reads passages {id, title, text} (jsonl, optionally .gz; local or
+s3://), indexes title + text with bm25s (English stop words, PyStemmer's English stemmer) and writes
+a directory:
 
     bm25/            the bm25s index (sparse matrix + vocabulary; numpy files, no pickle)
-    passages.arrow   the passages as an Arrow IPC file (memory-mapped when loaded: no copy per worker)
-    meta.json        format, counts, tokenizer settings and `build_id` (a content hash); written last,
-                     so a directory without it is an unfinished build
+    passages.arrow   the passages as an Arrow IPC file (memory-mapped when loaded: no copy per
+                     worker)
+    meta.json        format, counts, tokenizer settings and `build_id` (a content hash); written
+                     last, so a directory without it is an unfinished build
 
-`load_index(uri)` opens it; a remote index is downloaded once into a local cache directory keyed by its
-build_id, so a rebuilt index is fetched again and an unchanged one never is.
+`load_index(uri)` opens it; a remote index is downloaded once into a local cache directory keyed by
+its build_id, so a rebuilt index is fetched again and an unchanged one never is.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from toolformer_ray.errors import UserError
+from toolformer_ray.fsutil import is_local
 
 INDEX_FORMAT = 1
 STEMMER_LANGUAGE = "english"
@@ -50,15 +53,17 @@ def _stemmer():
 
 
 def tokenize(texts: list[str], stemmer=None) -> list[list[str]]:
-    """The index's own word tokenizer (lower-case words of 2+ characters, stop words out, stemmed)."""
+    """The index's own word tokenizer (lower-case words of 2+ characters, stop words out,
+    stemmed)."""
     import bm25s
 
-    return bm25s.tokenize(texts, stopwords=STOPWORDS, stemmer=stemmer or _stemmer(), return_ids=False,
-                          show_progress=False)
+    return bm25s.tokenize(texts, stopwords=STOPWORDS, stemmer=stemmer or _stemmer(),
+                          return_ids=False, show_progress=False)
 
 
 def read_passages(uri: str) -> tuple[list[str], list[str], list[str], int]:
-    """(ids, titles, texts, skipped) from a jsonl file; records without text (or not JSON) are skipped."""
+    """(ids, titles, texts, skipped) from a jsonl file; records without text (or not JSON) are
+    skipped."""
     import fsspec
 
     ids, titles, texts, skipped = [], [], [], 0
@@ -109,18 +114,20 @@ def build_index(passages_uri: str, output_uri: str) -> dict:
     retriever.index(corpus_tokens, show_progress=False)
 
     fs, root = fsspec.core.url_to_fs(output_uri)
-    local = _is_local(fs)
+    local = is_local(fs)
     parent = Path(root).parent if local else Path(tempfile.gettempdir())
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".index-tmp-", dir=parent))
     try:
         retriever.save(str(tmp / "bm25"), show_progress=False)
         table = pa.table({"id": ids, "title": titles, "text": texts})
-        with pa.OSFile(str(tmp / "passages.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
-            w.write_table(table)
+        with pa.OSFile(str(tmp / "passages.arrow"), "wb") as sink:
+            with pa.ipc.new_file(sink, table.schema) as w:
+                w.write_table(table)
         meta = {"format": INDEX_FORMAT, "passages": len(texts), "skipped": skipped,
-                "vocabulary": len(retriever.vocab_dict), "build_id": build_id, "source": passages_uri,
-                "stemmer": STEMMER_LANGUAGE, "stopwords": STOPWORDS, "bm25s": bm25s.__version__}
+                "vocabulary": len(retriever.vocab_dict), "build_id": build_id,
+                "source": passages_uri, "stemmer": STEMMER_LANGUAGE, "stopwords": STOPWORDS,
+                "bm25s": bm25s.__version__}
         if local:
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
             target = Path(root)
@@ -140,18 +147,15 @@ def build_index(passages_uri: str, output_uri: str) -> dict:
             "build_id": build_id, "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def _is_local(fs) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
-
-
 _BUILD_ID = re.compile(r"[0-9a-f]{1,64}")
 
 
 def _safe_relative(rel: str) -> bool:
-    """A relative name of plain parts: no "", ".", "..", backslash or NUL (a storage key can hold any)."""
+    """A relative name of plain parts: no "", ".", "..", backslash or NUL (a storage key can hold
+    any)."""
     parts = rel.split("/")
-    return bool(rel) and all(p not in ("", ".", "..") and "\\" not in p and "\0" not in p for p in parts)
+    return bool(rel) and all(p not in ("", ".", "..") and "\\" not in p and "\0" not in p
+                             for p in parts)
 
 
 def _cache_root(cache_dir: str | None) -> Path:
@@ -166,7 +170,7 @@ def fetch_index(uri: str, cache_dir: str | None = None) -> Path:
 
     fs, root = fsspec.core.url_to_fs(uri)
     hint = "build it with `toolformer-ray index PASSAGES OUTPUT`"
-    if _is_local(fs):
+    if is_local(fs):
         path = Path(root)
         if not (path / "meta.json").is_file():
             raise SearchIndexError(f"no search index at {uri} ({hint})")
@@ -178,10 +182,12 @@ def fetch_index(uri: str, cache_dir: str | None = None) -> Path:
     except ValueError:
         raise SearchIndexError(f"{uri}/meta.json is not JSON ({hint})") from None
     # Names from storage become local paths: only a hex build id and plain relative names, never
-    # "..", an absolute path or a separator trick, so a hostile bucket cannot write outside the cache.
+    # "..", an absolute path or a separator trick, so a hostile bucket cannot write outside the
+    # cache.
     build_id = meta.get("build_id") if isinstance(meta, dict) else None
     if not isinstance(build_id, str) or not _BUILD_ID.fullmatch(build_id):
-        raise SearchIndexError(f"{uri}/meta.json has an invalid build_id {build_id!r} (expected hex digits)")
+        raise SearchIndexError(f"{uri}/meta.json has an invalid build_id {build_id!r} "
+                               "(expected hex digits)")
     target = _cache_root(cache_dir) / f"index-{build_id}"
     if (target / "meta.json").is_file():
         return target
@@ -211,7 +217,8 @@ def fetch_index(uri: str, cache_dir: str | None = None) -> Path:
 
 
 class SearchIndex:
-    """A loaded index: `search(queries, k)` -> hits per query, best first (zero-score hits dropped)."""
+    """A loaded index: `search(queries, k)` -> hits per query, best first (zero-score hits
+    dropped)."""
 
     def __init__(self, path: str | os.PathLike):
         import bm25s
@@ -220,15 +227,17 @@ class SearchIndex:
         path = Path(path)
         self.meta = json.loads((path / "meta.json").read_text())
         if self.meta.get("format") != INDEX_FORMAT:
-            raise SearchIndexError(f"index at {path} has format {self.meta.get('format')}, expected {INDEX_FORMAT}; "
-                              "rebuild it with `toolformer-ray index`")
-        self.retriever = bm25s.BM25.load(str(path / "bm25"), mmap=True, show_progress=False, verbosity=0)
+            raise SearchIndexError(f"index at {path} has format {self.meta.get('format')}, "
+                                   f"expected {INDEX_FORMAT}; rebuild it with "
+                                   "`toolformer-ray index`")
+        self.retriever = bm25s.BM25.load(str(path / "bm25"), mmap=True, show_progress=False,
+                                         verbosity=0)
         self.passages = pa.ipc.open_file(pa.memory_map(str(path / "passages.arrow"))).read_all()
         self._ids = self.passages.column("id")
         self._titles = self.passages.column("title")
         self._texts = self.passages.column("text")
         self.stemmer = _stemmer()
-        self._lock = threading.Lock()  # bm25s and PyStemmer objects are not documented as thread-safe
+        self._lock = threading.Lock()  # bm25s and PyStemmer are not documented as thread-safe
 
     def __len__(self) -> int:
         return self.passages.num_rows
@@ -274,16 +283,18 @@ def load_index(uri: str, cache_dir: str | None = None) -> SearchIndex:
 
 _SENTENCE_END_RE = re.compile(r"[.!?]\s+(?=[A-Z0-9\"'(])")
 # Not sentence ends: initials ("Ralph M. Brown") and common abbreviations.
-_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "no", "mt", "ft", "gen", "col",
-                  "lt", "sgt", "rev", "inc", "ltd", "co", "corp", "jan", "feb", "mar", "apr", "jun", "jul",
-                  "aug", "sep", "sept", "oct", "nov", "dec", "approx", "etc", "e.g", "i.e", "u.s", "u.k"}
+_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "no", "mt", "ft", "gen",
+                  "col", "lt", "sgt", "rev", "inc", "ltd", "co", "corp", "jan", "feb", "mar", "apr",
+                  "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec", "approx", "etc", "e.g",
+                  "i.e", "u.s", "u.k"}
 
 
 def split_sentences(text: str) -> list[str]:
     sentences, start = [], 0
     for m in _SENTENCE_END_RE.finditer(text):
         word = text[start:m.start()].rsplit(None, 1)[-1] if text[start:m.start()].strip() else ""
-        if text[m.start()] == "." and (len(word) == 1 and word.isupper() or word.lower() in _ABBREVIATIONS):
+        abbreviation = len(word) == 1 and word.isupper() or word.lower() in _ABBREVIATIONS
+        if text[m.start()] == "." and abbreviation:
             continue
         sentences.append(text[start:m.start() + 1].strip())
         start = m.end()
@@ -293,7 +304,8 @@ def split_sentences(text: str) -> list[str]:
 
 def make_snippet(text: str, query_stems: set[str], max_chars: int, stemmer=None) -> str:
     """A short snippet of a passage: its sentence that shares most words with the query, then the
-    following sentences while they fit in `max_chars`; cut at a word boundary (with "...") if needed."""
+    following sentences while they fit in `max_chars`; cut at a word boundary (with "...") if
+    needed."""
     sentences = split_sentences(" ".join(text.split()))
     if not sentences:
         return ""
