@@ -1,4 +1,5 @@
-"""The fast batched core against the brute-force reference (tests/reference.py), on the tiny model in fp32."""
+"""The fast batched core against the brute-force reference (core/reference.py), on the tiny model in
+fp32."""
 from __future__ import annotations
 
 import copy
@@ -15,6 +16,8 @@ from toolformer_ray.core.annotate import Annotator
 from toolformer_ray.core.filtering import ScoredCall, score_candidates
 from toolformer_ray.core.lm import bos_ids
 from toolformer_ray.core.merge import merge_documents
+from toolformer_ray.core.reference import (context_ids_ref, loss_text_ref, prefix_ref, prompt_ref,
+                                           render_ref, sample_ref, start_logprob_ref)
 from toolformer_ray.core.sampling import (Candidate, DecodeRow, decode_calls, select_positions,
                                           split_prompt, start_pass, tokenize_doc)
 from toolformer_ray.core.scoring import WEIGHTS, loss_weights
@@ -23,8 +26,6 @@ from toolformer_ray.models import load_model
 from toolformer_ray.tools.base import Tool
 
 from caller_model import arithmetic_sentence, caller_model_dir
-from reference import (context_ids_ref, loss_text_ref, prefix_ref, prompt_ref, render_ref, sample_ref,
-                       start_logprob_ref)
 
 TOL = 1e-4
 LOG_TOL = 2e-4  # on log p_i: float32 batched vs one full forward

@@ -10,17 +10,21 @@ each loss is recomputed with the row's model by one plain forward over the whole
 and the filter is re-checked: min(L-(no call), L-(no result)) - L+ >= tau_f. It also checks that char_pos
 is token i's place in the text (the document's first i tokens decode to the text up to char_pos), that
 the augmented text is the original with the kept calls inserted at their char_pos, and re-scores a seeded
-sample of the rejected candidates, so that a bug that under-keeps shows too. Nothing here shares code with
-core/scoring.py except the loss weights' formula, so it is an independent check of the fast path.
+sample of the rejected candidates, so that a bug that under-keeps shows too. The losses come from
+core/reference.py (the brute-force reference the tests hold the fast path to), which shares no code with
+core/scoring.py, so this is an independent check of the fast path.
 """
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
 
-import torch
-
-from toolformer_ray.core.scoring import loss_weights
+from toolformer_ray.api_text import Markers, strip_calls
+from toolformer_ray.core.lm import bos_ids
+from toolformer_ray.core.reference import loss_ref
+from toolformer_ray.errors import UserError
+from toolformer_ray.models import load_model, pick_device
+from toolformer_ray.storage import OutputStore
 
 
 @dataclass
@@ -57,24 +61,6 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-@torch.no_grad()
-def plain_loss(model, prefix_ids: list[int], doc_ids: list[int], i: int) -> float:
-    """L_i(z) = sum_t w_t * -log p(x_{i+t} | z, x_<i+t), from one full forward over z + x (fp32 softmax);
-    `prefix_ids` holds BOS (if any) and z."""
-    seq = torch.tensor([prefix_ids + doc_ids], device=model.device)
-    logp = torch.log_softmax(model(seq).logits[0].float(), -1)
-    total = 0.0
-    for t, w in enumerate(loss_weights()):
-        j = i + t
-        if j >= len(doc_ids):
-            break
-        pos = len(prefix_ids) + j  # the token being predicted; its logits sit at pos - 1
-        if pos == 0:
-            continue  # the very first token has no context: the fast path never scores it
-        total += w * float(-logp[pos - 1, doc_ids[j]])
-    return total
-
-
 def rendered_call(markers, tool: str, arg: str, result: str | None, with_result: bool) -> str:
     """e(c, r) or e(c, empty), written out here from the markers (not by api_text.render)."""
     tail = f"{markers.result} {result}" if with_result else markers.result
@@ -95,12 +81,6 @@ def verify_output(version_uri: str, limit: int | None = None, dtype: str | None 
     with `seed`. dtype defaults to the run's. A float32 run must agree to 1e-4; in bf16 each logit carries
     ~2^-8 relative rounding, which moves a token's NLL by up to ~0.1 between two computations (measured on
     SmolLM2: max 0.08 over 117 calls), hence 0.15 there."""
-    from toolformer_ray.api_text import Markers, strip_calls
-    from toolformer_ray.core.lm import bos_ids
-    from toolformer_ray.errors import UserError
-    from toolformer_ray.models import load_model, pick_device
-    from toolformer_ray.storage import OutputStore
-
     parent, _, config_hash = version_uri.rstrip("/").rpartition("/")
     store = OutputStore(parent or ".", config_hash)
     manifest = store.read_manifest()
@@ -170,9 +150,9 @@ def verify_output(version_uri: str, limit: int | None = None, dtype: str | None 
         if not 0 <= i < len(doc_ids) or tok.decode(doc_ids[:i]) != text[:row["char_pos"]]:
             report.row_mismatches.append(f"{where}: char_pos {row['char_pos']} is not token {i}'s place")
             continue
-        recomputed = {"loss_plus": plain_loss(lm.model, bos + ids(plus), doc_ids, i),
-                      "loss_no_call": plain_loss(lm.model, bos, doc_ids, i),
-                      "loss_call_no_result": plain_loss(lm.model, bos + ids(no_result), doc_ids, i)}
+        recomputed = {"loss_plus": loss_ref(lm.model, bos, ids(plus), doc_ids, i),
+                      "loss_no_call": loss_ref(lm.model, bos, [], doc_ids, i),
+                      "loss_call_no_result": loss_ref(lm.model, bos, ids(no_result), doc_ids, i)}
         for name, value in recomputed.items():
             diff = abs(value - row[name])
             report.max_abs_diff = max(report.max_abs_diff, diff)
