@@ -13,7 +13,9 @@ import datetime as dt
 import json
 import random
 
-from toolformer_ray.evaluation.readers import Example
+import fsspec
+
+from toolformer_ray.evaluation.examples import Example
 
 _UNITS = ("day of the week", "day of the month", "month", "year")
 _RELATIVE = {"the day before yesterday": -2, "yesterday": -1, "today": 0, "tomorrow": 1,
@@ -84,8 +86,6 @@ def generate_dateset(n: int, seed: int = 0, start: str = "2015-01-01", end: str 
 
 def write_dateset(path: str, n: int, seed: int = 0) -> int:
     """Write a Dateset as jsonl (question, today, answer, template): readable by the temporal reader."""
-    import fsspec
-
     examples = generate_dateset(n, seed)
     with fsspec.open(path, "wt", encoding="utf-8") as f:
         for ex in examples:

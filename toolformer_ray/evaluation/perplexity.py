@@ -8,9 +8,12 @@ a text containing " [" would have infinite perplexity).
 """
 from __future__ import annotations
 
+import json
 import math
 
 import torch
+
+from toolformer_ray.evaluation.examples import DataError, read_text
 
 
 @torch.inference_mode()
@@ -64,10 +67,6 @@ def perplexity(model, tokenizer, texts: list[str], max_length: int = 1024, batch
 
 def read_texts(path: str, field: str = "text") -> list[str]:
     """Held-out texts: jsonl with a `text` field, a JSON list of strings/objects, or plain text (one per line)."""
-    import json
-
-    from toolformer_ray.evaluation.readers import DataError, read_text
-
     raw = read_text(path)
     stripped = raw.lstrip()
     if stripped.startswith(("{", "[")):

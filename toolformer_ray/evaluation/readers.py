@@ -24,46 +24,10 @@ import json
 import re
 import xml.etree.ElementTree as ET
 from collections import Counter
-from dataclasses import dataclass, field
 
-from toolformer_ray.errors import UserError
+from toolformer_ray.evaluation.dateset import generate_dateset
+from toolformer_ray.evaluation.examples import DataError, Example, TaskData, read_text
 from toolformer_ray.evaluation.metrics import parse_answer_number
-
-
-class DataError(UserError, ValueError):
-    """An evaluation file that is missing or in no known format: reported as one line."""
-
-
-@dataclass
-class Example:
-    id: str
-    question: str  # what fills {question} in the task's prompt
-    answers: list[str]  # gold answers as text
-    number: float | None = None  # math: the gold number
-    date: str | None = None  # ISO date the Calendar tool reports as today (Dateset), else None
-    meta: dict = field(default_factory=dict)
-
-
-@dataclass
-class TaskData:
-    examples: list[Example]
-    format: str
-    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
-
-
-# -- files ---------------------------------------------------------------------------------------------
-def read_text(path: str) -> str:
-    import fsspec
-
-    try:
-        with fsspec.open(path, "rt", encoding="utf-8") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise DataError(f"evaluation data not found: {path}") from None
-    except IsADirectoryError:
-        raise DataError(f"evaluation data must be a file, not a directory: {path}") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text") from None
 
 
 def _json_records(text: str, path: str) -> list:
@@ -323,8 +287,6 @@ _ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 def read_temporal(path: str, dateset_size: int = 500) -> TaskData:
     """SituatedQA-style jsonl / a written Dateset, or "dateset[:N[:seed]]" to generate one."""
     if path.split(":", 1)[0] == "dateset":
-        from toolformer_ray.evaluation.dateset import generate_dateset
-
         parts = path.split(":")
         try:
             n = int(parts[1]) if len(parts) > 1 and parts[1] else dateset_size

@@ -1,9 +1,14 @@
 """The evaluation report: rows of (task, data, model, mode) results as a Markdown table, JSON and a bar chart."""
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import fsspec
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 
 @dataclass
@@ -69,8 +74,6 @@ class EvalReport:
 
     def write(self, output: str) -> dict[str, str]:
         """Write results.json, results.md and results.png under `output` (local path or fsspec URI)."""
-        import fsspec
-
         self.output = output
         fs, root = fsspec.core.url_to_fs(output)
         fs.makedirs(root, exist_ok=True)
@@ -88,16 +91,12 @@ class EvalReport:
 
 def bar_chart_png(rows: list[EvalRow]) -> bytes:
     """Accuracy per task (one panel per task/data), one bar per model and mode; call share written on the bar."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     acc_rows = [r for r in rows if r.accuracy is not None]
     panels = list(dict.fromkeys((r.task, r.data) for r in acc_rows)) or [("no accuracy results", "")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(max(4.0, 3.2 * len(panels)), 3.6), squeeze=False)
+    # matplotlib's object API on an Agg canvas: no pyplot, no global backend (as report.py does)
+    fig = Figure(figsize=(max(4.0, 3.2 * len(panels)), 3.6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (task, data) in zip(axes[0], panels):
         sub = [r for r in acc_rows if (r.task, r.data) == (task, data)]
         labels = [f"{r.model}\n{r.mode}" for r in sub]
@@ -113,7 +112,6 @@ def bar_chart_png(rows: list[EvalRow]) -> bytes:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
     return buf.getvalue()
 
 

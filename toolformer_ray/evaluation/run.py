@@ -8,12 +8,17 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import fsspec
+
 from toolformer_ray.api_text import Markers
 from toolformer_ray.errors import UserError
-from toolformer_ray.evaluation.readers import DataError, TaskData, read_task
+from toolformer_ray.evaluation.examples import DataError, TaskData
+from toolformer_ray.evaluation.perplexity import perplexity, read_texts
+from toolformer_ray.evaluation.readers import read_task
 from toolformer_ray.evaluation.report import EvalReport, EvalRow, model_label
 from toolformer_ray.evaluation.tasks import TASKS, allowed_tools, is_correct, prompt_for
 from toolformer_ray.inference import MODES, ToolDecoder, load_tools, set_torch_threads
+from toolformer_ray.models import load_model, pick_device
 
 
 def _progress(msg: str) -> None:
@@ -46,8 +51,6 @@ def run_eval(cfg, tasks: dict[str, str] | list[tuple[str, str]] | None = None, m
     datasets: list[tuple[str, str, TaskData | list[str]]] = []
     for task, path in pairs:
         if task == "perplexity":
-            from toolformer_ray.evaluation.perplexity import read_texts
-
             texts = read_texts(path)
             datasets.append((task, path, texts[: cfg.eval.limit] if cfg.eval.limit else texts))
             continue
@@ -74,8 +77,6 @@ def run_eval(cfg, tasks: dict[str, str] | list[tuple[str, str]] | None = None, m
     rows: list[EvalRow] = []
     taken: set[str] = set()
     for model_path in models:
-        from toolformer_ray.models import load_model, pick_device
-
         label = model_label(model_path, taken)
         lm = load_model(model_path, cfg.model.dtype, cfg.model.cache_dir, cfg.model.tiny_seed,
                         device=pick_device(cfg.inference.device))
@@ -148,8 +149,6 @@ def _evaluate(task: str, data: TaskData, mode: str, allowed: list[str], decoder:
 
 
 def _perplexity_row(cfg, lm, decoder: ToolDecoder, texts: list[str], data_label: str, label: str, say) -> EvalRow:
-    from toolformer_ray.evaluation.perplexity import perplexity
-
     t0 = time.perf_counter()
     ppl = perplexity(lm.model, lm.tokenizer, texts, max_length=cfg.eval.perplexity_max_length,
                      batch_size=max(1, cfg.inference.batch_size // 4), mask_token_ids=decoder.start_ids[:1])
@@ -160,8 +159,6 @@ def _perplexity_row(cfg, lm, decoder: ToolDecoder, texts: list[str], data_label:
 
 
 def _write_predictions(path: str, records: list[dict]) -> None:
-    import fsspec
-
     fs, root = fsspec.core.url_to_fs(path)
     fs.makedirs(root.rsplit("/", 1)[0], exist_ok=True)
     with fsspec.open(path, "wt", encoding="utf-8") as f:

@@ -1,8 +1,8 @@
 """Per-task protocol: prompt, scorer and disallowed tools (paper, section 4.2)."""
 from __future__ import annotations
 
+from toolformer_ray.evaluation.examples import Example
 from toolformer_ray.evaluation.metrics import answer_in_first_words, math_correct
-from toolformer_ray.evaluation.readers import Example
 
 ACCURACY_TASKS = ("math", "lama", "qa", "temporal")
 TASKS = (*ACCURACY_TASKS, "perplexity")
