@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from toolformer_ray.errors import UserError
+from toolformer_ray.tools import tool_class, tool_names
 
 
 class ConfigError(UserError, ValueError):
@@ -290,8 +291,6 @@ class Config(Section):
     def _known_tools(self) -> "Config":
         # A misspelled tool (`tools.Calculater.k=3`) must not quietly enable a new, unknown tool, and a
         # bogus tool option must fail here, not when a worker starts.
-        from toolformer_ray.tools import tool_class, tool_names
-
         for name, tc in self.tools.items():
             try:
                 cls = tool_class(name)

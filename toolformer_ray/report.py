@@ -25,7 +25,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from toolformer_ray.schema import FUNNEL_KEYS
-from toolformer_ray.storage import OutputStore, put_bytes
+from toolformer_ray.storage import OutputStore, put_bytes, sum_funnels, sum_timings
 
 FUNNEL_LABELS = {
     "docs_seen": "documents seen",
@@ -337,7 +337,6 @@ def report_from_store(store: OutputStore, tau_f_by_tool: dict[str, float], repor
                       **kwargs) -> str:
     """The report of a whole output version: candidates over its committed shards, funnel and timings from
     the manifest (or summed from the commit records if there is no manifest yet)."""
-    from toolformer_ray.storage import sum_funnels, sum_timings
     positions: dict[str, np.ndarray] = {}
     for record in store.readable_units().values():
         for tool, counts in (record.get("p_api_hist") or {}).items():
