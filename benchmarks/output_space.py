@@ -59,7 +59,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     lm = load_model("default", dtype=args.dtype)
-    model, tok = lm.model, lm.tokenizer
+    model = lm.model
+    tok = lm.tokenizer
     texts = [json.loads(line)["text"] for line in open(ROOT / "data/demo_corpus.jsonl")][:args.docs]
     markers = Markers()
     start_id = encode(tok, markers.start)[0]

@@ -59,7 +59,8 @@ def parse_call_body(body: str, tool: str | None = None) -> ApiCall | None:
     m = _CALL_RE.match(body)
     if not m:
         return None
-    name, arg = m.group(1), m.group(2).strip()
+    name = m.group(1)
+    arg = m.group(2).strip()
     if tool is not None and name != tool:
         return None
     if any(ch in arg for ch in "\n\r"):
@@ -132,7 +133,8 @@ def find_calls(text: str, markers: Markers, tools: set[str] | None = None) -> li
 
 def strip_calls(text: str, markers: Markers, tools: set[str] | None = None) -> str:
     """The augmented text with its calls removed: recovers the original when calls were inserted by merge."""
-    out, pos = [], 0
+    out = []
+    pos = 0
     for fc in find_calls(text, markers, tools):
         out.append(text[pos:fc.start])
         pos = fc.end
@@ -142,7 +144,9 @@ def strip_calls(text: str, markers: Markers, tools: set[str] | None = None) -> s
 
 def insert_calls(text: str, inserts: list[tuple[int, str]]) -> str:
     """Insert rendered calls at character positions of the ORIGINAL text (at most one per position)."""
-    out, pos, last = [], 0, -1
+    out = []
+    pos = 0
+    last = -1
     for char_pos, rendered in sorted(inserts):
         if not 0 <= char_pos <= len(text):
             raise ValueError(f"insert position {char_pos} outside the text (length {len(text)})")

@@ -40,7 +40,8 @@ FUNNEL_LABELS = {
     "kept_tau_f": "kept at the tool's tau_f",
     "kept_after_cap": "kept after the per-tool cap",
 }
-CONTEXT_BEFORE, CONTEXT_AFTER = 200, 100
+CONTEXT_BEFORE = 200
+CONTEXT_AFTER = 100
 
 
 def utilities(candidates: pa.Table) -> np.ndarray:
@@ -230,7 +231,8 @@ def examples_markdown(examples: dict[str, list[dict]], doc_text: dict[str, str])
             text = doc_text.get(row["doc_id"])
             if text is not None and 0 <= (row.get("char_pos") or 0) <= len(text):
                 pos = row["char_pos"]
-                start, end = max(0, pos - CONTEXT_BEFORE), min(len(text), pos + CONTEXT_AFTER)
+                start = max(0, pos - CONTEXT_BEFORE)
+                end = min(len(text), pos + CONTEXT_AFTER)
                 snippet = (("…" if start else "") + text[start:pos] + inserted + text[pos:end]
                            + ("…" if end < len(text) else ""))
             else:
@@ -268,7 +270,8 @@ def write_report(store_or_dir: OutputStore | str, candidates: pa.Table, funnel: 
     documents     doc_id + text, for the context of the examples; read from the store when omitted
     """
     if isinstance(store_or_dir, OutputStore):
-        fs, report_dir = store_or_dir.fs, store_or_dir.path("report")
+        fs = store_or_dir.fs
+        report_dir = store_or_dir.path("report")
         uri_of = lambda name: store_or_dir.uri("report", name)  # noqa: E731
     else:
         fs, root = fsspec.core.url_to_fs(str(store_or_dir), **(storage_options or {}))
@@ -344,9 +347,11 @@ def report_from_store(store: OutputStore, tau_f_by_tool: dict[str, float], repor
     kwargs.setdefault("p_api_positions", {t: c.tolist() for t, c in positions.items()})
     manifest = store.read_manifest()
     if manifest is not None:
-        funnel, stage_timings = manifest.get("funnel", {}), manifest.get("timings", {})
+        funnel = manifest.get("funnel", {})
+        stage_timings = manifest.get("timings", {})
     else:
         records = list(store.readable_units().values())
-        funnel, stage_timings = sum_funnels(records), sum_timings(records)
+        funnel = sum_funnels(records)
+        stage_timings = sum_timings(records)
     return write_report(store, store.read_table("candidates"), funnel, {**stage_timings, **(timings or {})},
                         tau_f_by_tool, report_tau_f, tau_s_by_tool=tau_s_by_tool, **kwargs)

@@ -103,7 +103,8 @@ def verify_output(version_uri: str, limit: int | None = None, dtype: str | None 
         if d.get("augmented_text") is not None:
             if strip_calls(d["augmented_text"], markers) != d["text"]:
                 report.text_mismatches.append(f"{d['doc_id']}: stripping the calls does not give the text back")
-            rebuilt, pos = [], 0  # the text with each kept call, re-rendered, at its char_pos
+            rebuilt = []  # the text with each kept call, re-rendered, at its char_pos
+            pos = 0
             for row in sorted(kept, key=lambda r: r["char_pos"]):
                 call = rendered_call(markers, row["tool"], row["call"], row["result"], True)
                 rebuilt += [d["text"][pos:row["char_pos"]], call.lstrip() if row["char_pos"] == 0 else call]

@@ -32,11 +32,19 @@ class Annotator:
     def __init__(self, model, tokenizer, tools: dict, tool_configs: dict, markers: Markers, *, seed: int = 0,
                  temperature: float = 1.0, top_p: float = 1.0, max_call_tokens: int = 40, batch_docs: int = 8,
                  batch_rows: int = 128, prefix_separator: str = "\n", batch_tokens: int = 8192):
-        self.model, self.tokenizer = model, tokenizer
-        self.tools, self.tool_configs, self.markers = tools, tool_configs, markers
-        self.seed, self.temperature, self.top_p = seed, temperature, top_p
-        self.max_call_tokens, self.batch_docs, self.batch_rows = max_call_tokens, batch_docs, batch_rows
-        self.prefix_separator, self.batch_tokens = prefix_separator, batch_tokens
+        self.model = model
+        self.tokenizer = tokenizer
+        self.tools = tools
+        self.tool_configs = tool_configs
+        self.markers = markers
+        self.seed = seed
+        self.temperature = temperature
+        self.top_p = top_p
+        self.max_call_tokens = max_call_tokens
+        self.batch_docs = batch_docs
+        self.batch_rows = batch_rows
+        self.prefix_separator = prefix_separator
+        self.batch_tokens = batch_tokens
         self.work_log: list | None = None  # set to a list to record every forward's shape (benchmarks)
         # fast path or plain forwards (or refused), self-checked once per loaded model
         # (lm.prepare_model)
@@ -91,7 +99,8 @@ class Annotator:
                     rows_pending += len(part[3]) * tc.m
                 if pending and (rows_pending >= self.batch_rows or len(pending) >= 8):
                     candidates += self._decode(name, tool, tc, pending, counts)
-                    pending, rows_pending = [], 0
+                    pending = []
+                    rows_pending = 0
             if pending:
                 candidates += self._decode(name, tool, tc, pending, counts)
         return SampleResult(candidates=candidates, funnel=funnel, p_api=p_api)
@@ -115,7 +124,9 @@ class Annotator:
     def _decode(self, name, tool, tc, parts: list, counts) -> list[Candidate]:
         """Sample m calls at every selected position of the pooled passes; parse and de-duplicate them."""
         sp = merge_passes([(p[2], sorted({b for b, _ in p[3]})) for p in parts]) if len(parts) > 1 else parts[0][2]
-        docs, docs_t, selected = [], [], []
+        docs = []
+        docs_t = []
+        selected = []
         for batch, part_docs_t, part_sp, part_sel in parts:
             used = sorted({b for b, _ in part_sel}) if len(parts) > 1 else list(range(len(batch)))
             new_index = {b: len(docs) + k for k, b in enumerate(used)}

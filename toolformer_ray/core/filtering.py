@@ -65,7 +65,8 @@ def score_candidates(model, tokenizer, docs: dict[str, TokenizedDoc], candidates
             positions[key].add(c.token_pos)
     keys = list(positions)
     prefix_ids = {p: encode(tokenizer, p) for p in {k[1] for k in keys if k[1] is not None}}
-    requests, offsets = [], []
+    requests = []
+    offsets = []
     for doc_id, prefix in keys:
         doc = docs[doc_id]
         head = bos + (prefix_ids[prefix] if prefix is not None else [])

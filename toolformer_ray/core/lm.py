@@ -100,12 +100,15 @@ class RowKV:
     """Per-row keys/values in preallocated buffers [R, kv_heads, capacity, head_dim] (no copy per step)."""
 
     def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]], extra: int):
-        self.k, self.v, self.lengths = [], [], []
+        self.k = []
+        self.v = []
+        self.lengths = []
         for k, v in layers:
             R, H, L, D = k.shape
             kb = k.new_empty(R, H, L + extra, D)
             vb = v.new_empty(R, H, L + extra, D)
-            kb[:, :, :L], vb[:, :, :L] = k, v
+            kb[:, :, :L] = k
+            vb[:, :, :L] = v
             self.k.append(kb)
             self.v.append(vb)
             self.lengths.append(L)
@@ -153,14 +156,16 @@ class DocContext:
 
     def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]], row_doc: list[int], row_ctx: list[int]):
         self.kv = kv
-        self.n_docs, self.width = kv[0][0].shape[0], kv[0][0].shape[2]
+        self.n_docs = kv[0][0].shape[0]
+        self.width = kv[0][0].shape[2]
         self.row_doc = torch.tensor(row_doc, dtype=torch.long)
         self.row_ctx = torch.tensor(row_ctx, dtype=torch.long)
         self._layout = None
 
     def keep(self, rows: torch.Tensor) -> None:
         rows = rows.cpu()
-        self.row_doc, self.row_ctx = self.row_doc[rows], self.row_ctx[rows]
+        self.row_doc = self.row_doc[rows]
+        self.row_ctx = self.row_ctx[rows]
         self._layout = None
 
     def layout(self, gq: int, dtype, device):
@@ -223,7 +228,8 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     if doc_context is not None:
         dk, dv = doc_context.kv[module.layer_idx]  # [docs, kv, L, d]
         slot, per_doc, dbias = doc_context.layout(gq, q.dtype, q.device)
-        n_docs, S = doc_context.n_docs, doc_context.n_docs * per_doc
+        n_docs = doc_context.n_docs
+        S = doc_context.n_docs * per_doc
         qd = q.new_zeros(S, n_kv, gq, D)
         qd[slot] = q
         qd = qd.view(n_docs, per_doc, n_kv, gq, D).permute(0, 2, 1, 3, 4).reshape(n_docs, n_kv, per_doc * gq, D)
@@ -279,9 +285,11 @@ def _attend(q, k, v, bias, scale, fused: bool = True, causal: bool = False):
 def _attend_cuda(q, k, v, bias, scale, causal):
     B, H, Q, _ = q.shape
     K = k.shape[2]
-    k, v = k.expand(B, H, K, -1), v.expand(B, H, K, -1)
+    k = k.expand(B, H, K, -1)
+    v = v.expand(B, H, K, -1)
     if 0 in k.stride()[:2]:  # grouped heads expanded over the (few) own tokens: give real strides
-        k, v = k.contiguous(), v.contiguous()
+        k = k.contiguous()
+        v = v.contiguous()
     if bias is not None:
         bias = bias.to(q.dtype)
         if bias.stride(-2) % _MASK_ALIGN or bias.stride(-1) != 1:
@@ -311,7 +319,8 @@ _register()
 # sequences (`plain_hidden`, `PlainContext`; slower, exact by construction) or is refused. Never
 # different numbers.
 SELF_CHECK_TOL = 1e-3  # max |log p diff|, float32
-_SELF_CHECK_LEN, _SELF_CHECK_PREFIX = 64, 12
+_SELF_CHECK_LEN = 64
+_SELF_CHECK_PREFIX = 12
 
 
 class UnsupportedModel(UserError, ValueError):
@@ -454,7 +463,8 @@ def _self_check_fast(model) -> float:
     """max |log p diff| of the fast path (teacher-forced rows after a shared prefix, then rows
     continuing a document context with a multi-token feed and a one-token step) vs one plain
     forward."""
-    n, P = _SELF_CHECK_LEN, _SELF_CHECK_PREFIX
+    n = _SELF_CHECK_LEN
+    P = _SELF_CHECK_PREFIX
     g = torch.Generator().manual_seed(0)
     seq = torch.randint(0, model.config.vocab_size, (1, n), generator=g)
     ref = _log_probs(model, hidden_states(model, seq)[0])[0]
@@ -534,11 +544,13 @@ class PlainContext:
     model's own cache. Stands in for DocContext when the model is on the plain path."""
 
     def __init__(self, model, contexts: list[list[int]]):
-        self.model, self.contexts = model, contexts
+        self.model = model
+        self.contexts = contexts
         self.cache = self.mask = self.next_pos = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        model, dev = self.model, self.model.device
+        model = self.model
+        dev = self.model.device
         R, q = input_ids.shape
         if self.cache is None:
             seqs = [c + ids for c, ids in zip(self.contexts, input_ids.tolist())]
@@ -567,7 +579,8 @@ class PlainContext:
 
     def keep(self, rows: torch.Tensor) -> None:
         self.cache.batch_select_indices(rows.to(self.model.device))
-        self.mask, self.next_pos = self.mask[rows.cpu()], self.next_pos[rows.cpu()]
+        self.mask = self.mask[rows.cpu()]
+        self.next_pos = self.next_pos[rows.cpu()]
 
 
 _NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)  # a 4D mask makes HF skip its own mask building

@@ -17,7 +17,10 @@ import torch
 from toolformer_ray.core.sampling import row_rng  # the random stream: the same draws, so samples compare
 
 WEIGHTS_REF = [w / 3.0 for w in (1.0, 0.8, 0.6, 0.4, 0.2)]  # w~_t = 1 - 0.2t, sum = 3
-START, RESULT, END = " [", " ->", "]"  # the paper's markers, as the prompt files write them
+# the paper's markers, as the prompt files write them
+START = " ["
+RESULT = " ->"
+END = "]"
 _EXAMPLE_CALL = re.compile(r" \[([A-Za-z_]\w*)\(([^()\n]*)\)(?: -> ([^\]\n]*))?\]")
 
 

@@ -40,13 +40,15 @@ class TokenizedDoc:
 
 def tokenize_doc(tokenizer, text: str) -> TokenizedDoc:
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    ids = enc["input_ids"]
+    offsets = enc["offset_mapping"]
     char_pos: list[int | None] = []
     for i in range(len(ids)):
         if i == 0:
             char_pos.append(0)
             continue
-        prev_end, start = offsets[i - 1][1], offsets[i][0]
+        prev_end = offsets[i - 1][1]
+        start = offsets[i][0]
         # A call goes right after the previous token, before any whitespace that belongs to token i
         # (" Paris" -> "of [Call()] Paris"). Overlapping offsets mean a character split across tokens.
         # Calls go between words only: tokenizers that split numbers into digits (SmolLM2 writes " 323" as
@@ -67,7 +69,8 @@ def split_prompt(prompt: str, markers: Markers) -> tuple[str, str]:
     """
     default = Markers()
     if markers != default:
-        out, pos = [], 0
+        out = []
+        pos = 0
         for fc in find_calls(prompt, default):
             out.append(prompt[pos:fc.start])
             out.append(render(fc.call, markers, fc.result, fc.has_result_marker))
@@ -94,7 +97,8 @@ class ToolPrompt:
         before, after = split_prompt(prompt, markers)
         # Trailing spaces move to the next piece, so "Input: The" tokenizes as it does in running text
         # (" The" is one token); they are kept, so the model reads exactly the examples' format.
-        head, tail = before.rstrip(" "), after.rstrip(" ")
+        head = before.rstrip(" ")
+        tail = after.rstrip(" ")
         return cls(tool=tool, prefix_ids=bos + encode(tokenizer, head), input_lead=before[len(head):],
                    suffix_text=tail, output_lead=after[len(tail):])
 
@@ -109,7 +113,8 @@ class ToolPrompt:
         position is never sampled (p_i = 0)."""
         lead = len(self.output_lead)
         enc = tokenizer(self.output_lead + text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], [(a - lead, b - lead) for a, b in enc["offset_mapping"]]
+        ids = enc["input_ids"]
+        offsets = [(a - lead, b - lead) for a, b in enc["offset_mapping"]]
         at = {(offsets[j - 1][1], offsets[j][0]): j for j in range(1, len(ids))}
         return ids, [0 if i == 0 else at.get((doc.offsets[i - 1][1], doc.offsets[i][0]))
                      for i in range(len(doc.ids))]
@@ -148,14 +153,17 @@ def start_pass(model, tokenizer, prompt: ToolPrompt, docs: list[TokenizedDoc], t
     if log is not None:
         log.append(("start", [len(r) for r in rows], P))
     if plain_path(model):  # a family the shared-prefix attention cannot serve (lm.prepare_model)
-        hidden, kv = plain_hidden(model, [prompt.prefix_ids + r for r in rows])[:, P:], None
+        hidden = plain_hidden(model, [prompt.prefix_ids + r for r in rows])[:, P:]
+        kv = None
     else:
         prompt.ensure_kv(model)
         cache = RowKV.empty(model, B, L)
         hidden = prefix_forward(model, ids, cache, prompt.kv, (P + torch.arange(L)).expand(B, L))
         kv = cache.layers()
     # The hidden state at row index ctx - 1 predicts what follows the context: p_i = its prob of API-start.
-    row_idx, pos_idx, where = [], [], []
+    row_idx = []
+    pos_idx = []
+    where = []
     for b, at in enumerate(ctx_at):
         for i, ctx in enumerate(at):
             if ctx is not None:
@@ -184,10 +192,12 @@ def merge_passes(parts: list[tuple[StartPass, list[int]]]) -> StartPass:
     width = max(sp.kv[0][0].shape[2] for sp, _ in parts)
     layers = []
     for layer in range(len(parts[0][0].kv)):
-        ks, vs = [], []
+        ks = []
+        vs = []
         for sp, docs in parts:
             idx = torch.tensor(docs, dtype=torch.long, device=sp.kv[layer][0].device)
-            k, v = sp.kv[layer][0].index_select(0, idx), sp.kv[layer][1].index_select(0, idx)
+            k = sp.kv[layer][0].index_select(0, idx)
+            v = sp.kv[layer][1].index_select(0, idx)
             pad = width - k.shape[2]
             ks.append(torch.nn.functional.pad(k, (0, 0, 0, pad)))
             vs.append(torch.nn.functional.pad(v, (0, 0, 0, pad)))
@@ -285,7 +295,8 @@ def decode_calls(model, tokenizer, sp: StartPass, rows: list[DecodeRow], marker_
         for b, (a, tok) in enumerate(zip(active, tokens)):
             generated[a].append(tok)
             text = tokenizer.decode(generated[a])
-            outs[a].text, outs[a].n_tokens = text, len(generated[a])
+            outs[a].text = text
+            outs[a].n_tokens = len(generated[a])
             if tok == eos_id or call_closed(text, markers) or "\n" in text:
                 continue
             keep.append(b)

@@ -101,7 +101,10 @@ def _nll_batch(model, requests, batch: list[list[int]], length: dict, width: int
     ids = torch.full((B, width), pad_id, dtype=torch.long)
     pos = torch.zeros(B, width, dtype=torch.long)
     segment = torch.full((B, width), -1, dtype=torch.long)
-    row_idx, pos_idx, tgt, owner = [], [], [], []
+    row_idx = []
+    pos_idx = []
+    tgt = []
+    owner = []
     for b, row in enumerate(batch):
         offset = 0
         for seg, r in enumerate(row):

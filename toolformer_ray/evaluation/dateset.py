@@ -72,7 +72,8 @@ def _one(rng: random.Random, today: dt.date) -> tuple[str, list[str], str]:
 def generate_dateset(n: int, seed: int = 0, start: str = "2015-01-01", end: str = "2025-12-31") -> list[Example]:
     """`n` Dateset questions with current dates drawn uniformly from [start, end]."""
     rng = random.Random(seed)
-    lo, hi = dt.date.fromisoformat(start), dt.date.fromisoformat(end)
+    lo = dt.date.fromisoformat(start)
+    hi = dt.date.fromisoformat(end)
     if hi < lo:
         raise ValueError("end date before start date")
     out = []

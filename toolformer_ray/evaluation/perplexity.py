@@ -29,17 +29,20 @@ def nll_and_count(model, tokenizer, texts: list[str], max_length: int = 1024, ba
             if len(ids[i:i + max_length]) >= 2:
                 windows.append(ids[i:i + max_length])
     windows.sort(key=len)  # similar lengths together: little padding
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    decoder = model.get_decoder()
+    head = model.get_output_embeddings()
     dev = model.device
     masked = torch.tensor(sorted(set(mask_token_ids or [])), dtype=torch.long, device=dev)
-    total, count = 0.0, 0
+    total = 0.0
+    count = 0
     for b in range(0, len(windows), batch_size):
         chunk = windows[b:b + batch_size]
         width = max(map(len, chunk))
         ids = torch.tensor([w + [0] * (width - len(w)) for w in chunk], device=dev)
         attn = torch.tensor([[1] * len(w) + [0] * (width - len(w)) for w in chunk], device=dev)
         hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state
-        targets, valid = ids[:, 1:], attn[:, 1:].bool()
+        targets = ids[:, 1:]
+        valid = attn[:, 1:].bool()
         # The LM head over slices of positions: full [batch, length, vocab] logits would not fit for long texts.
         for s in range(0, width - 1, vocab_chunk):
             logits = head(hidden[:, s:s + vocab_chunk]).float()

@@ -70,7 +70,8 @@ def _get(rec: dict, *keys: str):
 
 # -- math -----------------------------------------------------------------------------------------------
 def _join_body_question(body: str, question: str) -> str:
-    body, question = body.strip(), question.strip()
+    body = body.strip()
+    question = question.strip()
     if body and body[-1] not in ".?!,;:":
         body += "."  # SVAMP bodies often lack the final full stop
     return f"{body} {question}".strip()
@@ -82,7 +83,8 @@ def _math_from_record(rec: dict) -> tuple[str | None, object, str]:
         return rec["sQuestion"], rec.get("lSolutions"), "mawps"
     if "original_text" in rec:
         return rec["original_text"], rec.get("ans"), "mwptoolkit"
-    body, question = _get(rec, "Body"), _get(rec, "Question")
+    body = _get(rec, "Body")
+    question = _get(rec, "Question")
     if body is not None and question is not None:
         return _join_body_question(str(body), str(question)), _get(rec, "Answer", "ans"), "svamp/asdiv"
     if question is not None:
@@ -97,7 +99,9 @@ def read_math(path: str) -> TaskData:
     text = read_text(path)
     if text.lstrip().startswith("<"):
         return _read_asdiv_xml(text, path)
-    examples, skipped, formats = [], Counter(), Counter()
+    examples = []
+    skipped = Counter()
+    formats = Counter()
     for i, rec in enumerate(_json_records(text, path)):
         if not isinstance(rec, dict):
             skipped["not a JSON object"] += 1
@@ -124,7 +128,8 @@ def _read_asdiv_xml(text: str, path: str) -> TaskData:
         root = ET.fromstring(text)
     except ET.ParseError as e:
         raise DataError(f"{path}: not valid XML: {e}") from None
-    examples, skipped = [], Counter()
+    examples = []
+    skipped = Counter()
     for i, prob in enumerate(root.iter("Problem")):
         body, question, answer = (prob.findtext(t) for t in ("Body", "Question", "Answer"))
         if question is None or answer is None:
@@ -162,7 +167,8 @@ def lama_prompt(sentence: str) -> str | None:
 
 
 def read_lama(path: str) -> TaskData:
-    examples, skipped = [], Counter()
+    examples = []
+    skipped = Counter()
     for i, rec in enumerate(_json_records(read_text(path), path)):
         if not isinstance(rec, dict) or "obj_label" not in rec:
             skipped["no obj_label"] += 1
@@ -237,7 +243,9 @@ def read_qa(path: str) -> TaskData:
 
 
 def _qa_from_records(records: list, path: str) -> TaskData:
-    examples, skipped, fmt = [], Counter(), "qa-json"
+    examples = []
+    skipped = Counter()
+    fmt = "qa-json"
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
             skipped["not a JSON object"] += 1
@@ -260,7 +268,8 @@ def _qa_from_records(records: list, path: str) -> TaskData:
 
 def _read_dpr_tsv(text: str, path: str) -> TaskData:
     # DPR's TSV: question<TAB>python-list of answers; fields may be CSV-quoted ("" for a quote).
-    examples, skipped = [], Counter()
+    examples = []
+    skipped = Counter()
     reader = csv.reader(io.StringIO(text), delimiter="\t", quotechar='"')
     for i, row in enumerate(reader):
         if not row or not any(c.strip() for c in row):
@@ -296,7 +305,8 @@ def read_temporal(path: str, dateset_size: int = 500) -> TaskData:
         if n <= 0:
             raise DataError(f"bad Dateset spec {path!r}: N must be positive")
         return TaskData(generate_dateset(n, seed), "dateset")
-    examples, skipped = [], Counter()
+    examples = []
+    skipped = Counter()
     for i, rec in enumerate(_json_records(read_text(path), path)):
         if not isinstance(rec, dict):
             skipped["not a JSON object"] += 1

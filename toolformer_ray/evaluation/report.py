@@ -50,7 +50,8 @@ class EvalReport:
         lines = [head]
         for r in self.rows:
             if r.perplexity is not None:
-                acc, calls = f"ppl {r.perplexity:.2f}", "-"
+                acc = f"ppl {r.perplexity:.2f}"
+                calls = "-"
             else:
                 acc = f"{100 * r.accuracy:.1f}%" if r.accuracy is not None else "-"
                 calls = f"{100 * r.call_rate:.1f}%" if r.call_rate is not None else "-"
@@ -121,8 +122,10 @@ def _mode_color(mode: str) -> str:
 
 def model_label(path: str, taken: set[str]) -> str:
     label = path if path in ("default", "tiny") else (Path(path.rstrip("/")).name or path)
-    base, k = label, 2
+    base = label
+    k = 2
     while label in taken:
-        label, k = f"{base}-{k}", k + 1
+        label = f"{base}-{k}"
+        k = k + 1
     taken.add(label)
     return label

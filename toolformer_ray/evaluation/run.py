@@ -93,7 +93,9 @@ def run_eval(cfg, tasks: dict[str, str] | list[tuple[str, str]] | None = None, m
                         say(f"skipping {task}/{mode} for {label}: no tool may be called")
                         continue
                     row, records = _evaluate(task, data, mode, allowed, decoder, cfg, today)
-                    row.data, row.model, row.model_path = data_label, label, lm.path
+                    row.data = data_label
+                    row.model = label
+                    row.model_path = lm.path
                     rows.append(row)
                     _write_predictions(f"{output}/predictions/{label}__{task}-{data_label}__{mode}.jsonl", records)
                     say(f"{label} {task}/{data_label} {mode}: accuracy {100 * (row.accuracy or 0):.1f}%, "
