@@ -1,5 +1,6 @@
-"""What every benchmark script here shares: its command line (--config, -s key=value, --output), the run
-header of its JSON, the printed tables and where the JSON goes (<output>/<which>-<config hash>.json).
+"""What every benchmark script here shares: its command line (--config, -s key=value, --output), the
+run header of its JSON, the printed tables and where the JSON goes (<output>/<which>-<config
+hash>.json).
 
 The scripts run as `python benchmarks/<name>.py`, so this folder is on sys.path and `import harness`
 finds this file.

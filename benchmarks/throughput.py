@@ -3,20 +3,20 @@
     .venv/bin/python benchmarks/throughput.py [--config FILE] [-s key=value ...] [--docs 32]
         [--which throughput --which bruteforce] [--threads N] [--output benchmarks/results]
 
-throughput  sample + filter on the configured model over a fixed set of corpus documents. The headline
-            is achieved / *compute floor*: the forward tokens the method strictly needs (per doc x tool
-            the input copy and the document after the cached prompt; the call tokens generated;
-            L(empty) once per document; L+ and L-(no result) per distinct prefix, each cut at i + 5),
-            all of them (the generated ones included) at teacher-forced (prefill) speed through the
-            transformer body alone (`logits_to_keep=1`: no LM head at all), a bound no autoregressive
-            decoder reaches. For scale it also times the same tokens through a *naive Hugging Face
-            baseline* (not a bound): plain batched forwards with full logits, decoding as one-token
-            DynamicCache steps that copy the prompt into every row, priced at the batch's longest
-            context, at the best of batch 16/64/256; speed-up over it = its time / ours. Building the
-            random caches these timings run on is outside the timers.
+throughput  sample + filter on the configured model over a fixed set of corpus documents. The
+            headline is achieved / *compute floor*: the forward tokens the method strictly needs
+            (per doc x tool the input copy and the document after the cached prompt; the call tokens
+            generated; L(empty) once per document; L+ and L-(no result) per distinct prefix, each
+            cut at i + 5), all of them (the generated ones included) at teacher-forced (prefill)
+            speed through the transformer body alone (`logits_to_keep=1`: no LM head at all), a
+            bound no autoregressive decoder reaches. For scale it also times the same tokens through
+            a *naive Hugging Face baseline* (not a bound): plain batched forwards with full logits,
+            decoding as one-token DynamicCache steps that copy the prompt into every row, priced at
+            the batch's longest context, at the best of batch 16/64/256; speed-up over it = its time
+            / ours. Building the random caches these timings run on is outside the timers.
 bruteforce  the same documents (at most 4) through the brute-force reference
-            (toolformer_ray/core/reference.py: one sequence at a time, no cache, no truncation), as a
-            ratio of times and of forward tokens.
+            (toolformer_ray/core/reference.py: one sequence at a time, no cache, no truncation), as
+            a ratio of times and of forward tokens.
 
 Writes <output>/<which, sorted, joined by _>-<config hash>.json (e.g. throughput-<hash>.json).
 """
@@ -72,8 +72,8 @@ def _bucket(x: int, step: int = 32) -> int:
 
 
 class PlainForwards:
-    """Plain batched forwards of the same model: seconds per token for each recorded batch shape, with
-    full logits (the naive baseline) or none (`logits_to_keep=1`, the compute floor)."""
+    """Plain batched forwards of the same model: seconds per token for each recorded batch shape,
+    with full logits (the naive baseline) or none (`logits_to_keep=1`, the compute floor)."""
 
     def __init__(self, model):
         self.model = model
@@ -110,8 +110,9 @@ class PlainForwards:
 
     @torch.inference_mode()
     def decode(self, batch: int, past: int) -> float:
-        """Seconds per token of plain one-token decoding steps with `past` cached tokens, at the best
-        of a few batch sizes up to `batch` (a plain implementation would pick its best batch size)."""
+        """Seconds per token of plain one-token decoding steps with `past` cached tokens, at the
+        best of a few batch sizes up to `batch` (a plain implementation would pick its best batch
+        size)."""
         best = float("inf")
         for b in sorted({min(batch, x) for x in (16, 64, 256)}):
             key = ("decode", b, _bucket(past))
@@ -196,7 +197,8 @@ def bench_throughput(cfg: Config, n_docs: int) -> dict:
                for t, c in tools_cfg.items()}
     return {
         "documents": len(docs), "tools": sorted(tools_cfg), "presets": presets,
-        "seconds": {"sample": t1 - t0, "execute": t2 - t1, "score": t3 - t2, "lm_total": lm_seconds},
+        "seconds": {"sample": t1 - t0, "execute": t2 - t1, "score": t3 - t2,
+                    "lm_total": lm_seconds},
         "docs_per_s": len(docs) / lm_seconds, "docs_per_s_with_tools": len(docs) / (t3 - t0),
         "needed_tokens": tokens, "tokens_per_s": tokens / lm_seconds,
         "stages": stages,
@@ -251,7 +253,8 @@ def bench_bruteforce(cfg: Config, n_docs: int) -> dict:
             for i in select_positions(probs, td, tc.tau_s, tc.k, ann.min_pos):
                 ctx = ref.context_ids_ref(tok, prompt_text, d.text, i)
                 for j in range(tc.m):
-                    out = ref.sample_ref(model, tok, ctx, cfg.run.seed, f"{d.doc_id}|{name}|{i}|{j}",
+                    out = ref.sample_ref(model, tok, ctx, cfg.run.seed,
+                                         f"{d.doc_id}|{name}|{i}|{j}",
                                          cfg.sampling.temperature, cfg.sampling.max_call_tokens)
                     n_gen = len(encode(tok, out))
                     ref_tokens += sum(len(ctx) + len(ann.marker_ids) + s for s in range(n_gen))
@@ -267,7 +270,8 @@ def bench_bruteforce(cfg: Config, n_docs: int) -> dict:
     ref_seconds = time.perf_counter() - t
     return {"documents": len(docs), "fast_seconds": fast_seconds, "bruteforce_seconds": ref_seconds,
             "speedup": ref_seconds / fast_seconds, "fast_forward_tokens": fast_tokens,
-            "bruteforce_forward_tokens": ref_tokens, "token_ratio": ref_tokens / max(1, fast_tokens)}
+            "bruteforce_forward_tokens": ref_tokens,
+            "token_ratio": ref_tokens / max(1, fast_tokens)}
 
 
 def print_throughput(r: dict) -> None:
@@ -301,7 +305,8 @@ def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--which", action="append", choices=WHICH,
                     help="throughput | bruteforce (repeatable; default both)")
-    ap.add_argument("--docs", type=int, default=32, help="documents to time (bruteforce: at most 4)")
+    ap.add_argument("--docs", type=int, default=32,
+                    help="documents to time (bruteforce: at most 4)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
     which = args.which or list(WHICH)

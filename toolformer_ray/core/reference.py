@@ -1,11 +1,13 @@
-"""Brute-force reference of the method: one sequence at a time, plain loops, no KV cache, no truncation.
+"""Brute-force reference of the method: one sequence at a time, plain loops, no KV cache, no
+truncation.
 
-Everything here follows the definitions literally and is built from raw text: P(x) is the tool's prompt
-text with x written into it ("Input: x\\nOutput: x_<i", the paper's appendix A.2 format), tokenized as a
-whole; calls are rendered here in the paper's format ("[Tool(input) -> result]"). Only the model (and its
-tokenizer) and the per-row random stream are shared with the fast path, so the fast path can be checked
-against it: the tests, `toolformer-ray verify` and benchmarks/throughput.py (bruteforce) all use this
-module, and nothing here calls core/scoring.py or core/lm.py (only row_rng comes from the fast path).
+Everything here follows the definitions literally and is built from raw text: P(x) is the tool's
+prompt text with x written into it ("Input: x\\nOutput: x_<i", the paper's appendix A.2 format),
+tokenized as a whole; calls are rendered here in the paper's format ("[Tool(input) -> result]").
+Only the model (and its tokenizer) and the per-row random stream are shared with the fast path, so
+the fast path can be checked against it: the tests, `toolformer-ray verify` and
+benchmarks/throughput.py (bruteforce) all use this module, and nothing here calls core/scoring.py or
+core/lm.py (only row_rng comes from the fast path).
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import weakref
 
 import torch
 
-from toolformer_ray.core.sampling import row_rng  # the random stream: the same draws, so samples compare
+# the random stream: the same draws, so samples compare
+from toolformer_ray.core.sampling import row_rng
 
 WEIGHTS_REF = [w / 3.0 for w in (1.0, 0.8, 0.6, 0.4, 0.2)]  # w~_t = 1 - 0.2t, sum = 3
 # the paper's markers, as the prompt files write them
@@ -25,7 +28,8 @@ _EXAMPLE_CALL = re.compile(r" \[([A-Za-z_]\w*)\(([^()\n]*)\)(?: -> ([^\]\n]*))?\
 
 
 # ------------------------------------------------------------------------------------------ text
-def render_ref(tool: str, arg: str, result: str | None, start: str = START, result_marker: str = RESULT,
+def render_ref(tool: str, arg: str, result: str | None, start: str = START,
+               result_marker: str = RESULT,
                end: str = END) -> str:
     """e(c, r) = " [Tool(input) -> r]", or e(c, empty) = " [Tool(input) ->]" when result is None."""
     tail = f"{result_marker} {result}" if result is not None else result_marker
@@ -46,9 +50,10 @@ def doc_ids_ref(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]
 
 
 def context_ids_ref(tokenizer, prompt: str, text: str, i: int) -> list[int]:
-    """[P(x), x_<i] as text, tokenized as a whole (with BOS if the tokenizer adds one): the prompt with x
-    written into its input and output, then x up to the end of its token i-1. At i = 0 the context ends at
-    "Output:": the call's marker " [" brings its own space (the augmented text reads "Output: [...] x")."""
+    """[P(x), x_<i] as text, tokenized as a whole (with BOS if the tokenizer adds one): the prompt
+    with x written into its input and output, then x up to the end of its token i-1. At i = 0 the
+    context ends at "Output:": the call's marker " [" brings its own space (the augmented text reads
+    "Output: [...] x")."""
     _, offsets = doc_ids_ref(tokenizer, text)
     cut = 0 if i == 0 else offsets[i - 1][1]
     full = prompt.replace("{text}", text, 1) + text[:cut]
@@ -66,7 +71,8 @@ def next_token_logprobs(model, ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, -1)
 
 
-def start_logprob_ref(model, tokenizer, prompt: str, text: str, i: int, start: str = START) -> float:
+def start_logprob_ref(model, tokenizer, prompt: str, text: str, i: int,
+                      start: str = START) -> float:
     """log p_i = log p(API-start | P(x), x_<i): the sum over the marker's tokens, each from a fresh
     forward."""
     ids = context_ids_ref(tokenizer, prompt, text, i)
@@ -117,14 +123,15 @@ def loss_ref(model, bos: list[int], prefix_ids: list[int], doc_ids: list[int], i
 
 
 def loss_text_ref(model, tokenizer, prefix: str, text: str, i: int) -> float:
-    """L_i(z) from text: z (e.g. "[Calculator(5 + 7) -> 12]\\n", or "" for no call) and the document x,
-    each tokenized on its own (DESIGN.md), the prefix with the tokenizer's BOS if it adds one."""
+    """L_i(z) from text: z (e.g. "[Calculator(5 + 7) -> 12]\\n", or "" for no call) and the document
+    x, each tokenized on its own (DESIGN.md), the prefix with the tokenizer's BOS if it adds one."""
     head = tokenizer(prefix, add_special_tokens=True)["input_ids"]
     return loss_ref(model, [], head, doc_ids_ref(tokenizer, text)[0], i)
 
 
 def prefix_ref(tool: str, arg: str, result: str | None, separator: str) -> str:
-    """The scored prefix: the call at the very start of the text (no leading space), then the separator."""
+    """The scored prefix: the call at the very start of the text (no leading space), then the
+    separator."""
     return render_ref(tool, arg, result).lstrip() + separator
 
 

@@ -1,5 +1,5 @@
-"""What the readers, the Dateset generator and the task protocol share: one example, a task's data and
-the error a bad data file raises. A leaf: it imports nothing else of the evaluation package.
+"""What the readers, the Dateset generator and the task protocol share: one example, a task's data
+and the error a bad data file raises. A leaf: it imports nothing else of the evaluation package.
 """
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """Perplexity on held-out text (paper, section 4.3), optionally with tool calls disabled.
 
-Each text is encoded on its own (with BOS if the tokenizer adds one) and cut into windows of `max_length`
-tokens; every token after the first of a window is scored. Perplexity = exp(total NLL / scored tokens).
-With `mask_token_ids` (the API-start token: "Toolformer (disabled)") those tokens get probability 0 and the
-rest is renormalised, except where the text itself has that token (there the raw probability is used, or
-a text containing " [" would have infinite perplexity).
+Each text is encoded on its own (with BOS if the tokenizer adds one) and cut into windows of
+`max_length` tokens; every token after the first of a window is scored. Perplexity = exp(total NLL /
+scored tokens). With `mask_token_ids` (the API-start token: "Toolformer (disabled)") those tokens
+get probability 0 and the rest is renormalised, except where the text itself has that token (there
+the raw probability is used, or a text containing " [" would have infinite perplexity).
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from toolformer_ray.evaluation.examples import DataError, read_text
 
 @torch.inference_mode()
 def nll_and_count(model, tokenizer, texts: list[str], max_length: int = 1024, batch_size: int = 8,
-                  mask_token_ids: list[int] | None = None, vocab_chunk: int = 256) -> tuple[float, int]:
+                  mask_token_ids: list[int] | None = None,
+                  vocab_chunk: int = 256) -> tuple[float, int]:
     """Summed negative log-likelihood (nats) and the number of scored tokens."""
     if max_length < 2:
         raise ValueError("max_length must be at least 2")
@@ -43,7 +44,8 @@ def nll_and_count(model, tokenizer, texts: list[str], max_length: int = 1024, ba
         hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state
         targets = ids[:, 1:]
         valid = attn[:, 1:].bool()
-        # The LM head over slices of positions: full [batch, length, vocab] logits would not fit for long texts.
+        # The LM head over slices of positions: full [batch, length, vocab] logits would not fit for
+        # long texts.
         for s in range(0, width - 1, vocab_chunk):
             logits = head(hidden[:, s:s + vocab_chunk]).float()
             tgt = targets[:, s:s + vocab_chunk]
@@ -61,7 +63,8 @@ def nll_and_count(model, tokenizer, texts: list[str], max_length: int = 1024, ba
 
 def perplexity(model, tokenizer, texts: list[str], max_length: int = 1024, batch_size: int = 8,
                mask_token_ids: list[int] | None = None) -> float:
-    """exp(mean NLL per scored token) of `texts` under `model` (teacher-forced, no tool calls run)."""
+    """exp(mean NLL per scored token) of `texts` under `model` (teacher-forced, no tool calls
+    run)."""
     total, count = nll_and_count(model, tokenizer, texts, max_length, batch_size, mask_token_ids)
     if count == 0:
         raise ValueError("no tokens to score: give texts of at least two tokens")
@@ -69,7 +72,8 @@ def perplexity(model, tokenizer, texts: list[str], max_length: int = 1024, batch
 
 
 def read_texts(path: str, field: str = "text") -> list[str]:
-    """Held-out texts: jsonl with a `text` field, a JSON list of strings/objects, or plain text (one per line)."""
+    """Held-out texts: jsonl with a `text` field, a JSON list of strings/objects, or plain text (one
+    per line)."""
     raw = read_text(path)
     stripped = raw.lstrip()
     if stripped.startswith(("{", "[")):
@@ -78,7 +82,8 @@ def read_texts(path: str, field: str = "text") -> list[str]:
                 json.loads(line) for line in raw.splitlines() if line.strip()]
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON / JSON lines: {e}") from None
-        texts = [it if isinstance(it, str) else (it.get(field) if isinstance(it, dict) else None) for it in items]
+        texts = [it if isinstance(it, str) else (it.get(field) if isinstance(it, dict) else None)
+                 for it in items]
         texts = [t for t in texts if isinstance(t, str) and t.strip()]
     else:
         texts = [line for line in raw.splitlines() if line.strip()]

@@ -1,18 +1,22 @@
-"""Readers for the standard formats of the evaluation sets. Each returns `TaskData`: the examples plus the
-count of records that could not be used, by reason (never a crash on one odd record).
+"""Readers for the standard formats of the evaluation sets. Each returns `TaskData`: the examples
+plus the count of records that could not be used, by reason (never a crash on one odd record).
 
-math      MAWPS single-equation JSON (`sQuestion` / `lSolutions`), MWPToolkit JSON (`original_text` / `ans`:
-          MAWPS, ASDiv-A, SVAMP as packaged there), GSM8K jsonl (`question` / `answer` ending "#### N"),
-          SVAMP JSON (`Body` / `Question` / `Answer`), ASDiv XML (<Problem><Body/><Question/><Answer/>) and
-          its JSON variants (Body/Question/Answer in any case).
+math      MAWPS single-equation JSON (`sQuestion` / `lSolutions`), MWPToolkit JSON (`original_text`
+          / `ans`: MAWPS, ASDiv-A, SVAMP as packaged there), GSM8K jsonl (`question` / `answer`
+          ending "#### N"), SVAMP JSON (`Body` / `Question` / `Answer`), ASDiv XML
+          (<Problem><Body/><Question/><Answer/>) and its JSON variants (Body/Question/Answer in any
+          case).
 lama      LAMA jsonl (SQuAD, Google-RE, T-REx): `masked_sentences` (or `masked_sentence`, or T-REx
-          `evidences[].masked_sentence`) and `obj_label`. Only statements whose [MASK] is the last word
-          (punctuation may follow) are kept, as in the paper, and the prompt is the text before the mask.
-qa        WebQuestions JSON (`qText`/`answers`, or the original `utterance`/`targetValue`), the DPR TSV
-          format (`question<TAB>['answer', ...]`: NQ, TriviaQA) and jsonl (`question` + `answers`/`answer`).
-temporal  SituatedQA-style jsonl (`question` or `edited_question`, `answer`, optional `date`), TempLAMA
-          jsonl (`query` "... _X_.", `answer` [{name}], `date`; kept when _X_ is last, the statement is the
-          prompt) and the generated Dateset (see dateset.py; also readable back from its jsonl).
+          `evidences[].masked_sentence`) and `obj_label`. Only statements whose [MASK] is the last
+          word (punctuation may follow) are kept, as in the paper, and the prompt is the text before
+          the mask.
+qa        WebQuestions JSON (`qText`/`answers`, or the original `utterance`/`targetValue`), the DPR
+          TSV format (`question<TAB>['answer', ...]`: NQ, TriviaQA) and jsonl (`question` +
+          `answers`/`answer`).
+temporal  SituatedQA-style jsonl (`question` or `edited_question`, `answer`, optional `date`),
+          TempLAMA jsonl (`query` "... _X_.", `answer` [{name}], `date`; kept when _X_ is last, the
+          statement is the prompt) and the generated Dateset (see dateset.py; also readable back
+          from its jsonl).
 Paths may be local or any fsspec URI (s3://...).
 """
 from __future__ import annotations
@@ -51,7 +55,8 @@ def _json_records(text: str, path: str) -> list:
                     data = json.loads(text)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}: neither JSON nor JSON lines: {e}") from None
-                lists = [v for v in data.values() if isinstance(v, list)] if isinstance(data, dict) else []
+                lists = ([v for v in data.values() if isinstance(v, list)]
+                         if isinstance(data, dict) else [])
                 if len(lists) == 1:
                     return lists[0]
                 raise DataError(f"{path}: a JSON object without one list of records") from None
@@ -68,7 +73,8 @@ def _get(rec: dict, *keys: str):
     return None
 
 
-# -- math -----------------------------------------------------------------------------------------------
+# -- math
+# -----------------------------------------------------------------------------------------------
 def _join_body_question(body: str, question: str) -> str:
     body = body.strip()
     question = question.strip()
@@ -86,7 +92,8 @@ def _math_from_record(rec: dict) -> tuple[str | None, object, str]:
     body = _get(rec, "Body")
     question = _get(rec, "Question")
     if body is not None and question is not None:
-        return _join_body_question(str(body), str(question)), _get(rec, "Answer", "ans"), "svamp/asdiv"
+        question = _join_body_question(str(body), str(question))
+        return question, _get(rec, "Answer", "ans"), "svamp/asdiv"
     if question is not None:
         answer = _get(rec, "answer", "ans", "solution")
         if isinstance(answer, str) and "####" in answer:  # GSM8K: the final answer follows "####"
@@ -116,10 +123,11 @@ def read_math(path: str) -> TaskData:
             skipped["answer is not a single number"] += 1
             continue
         ex_id = str(_get(rec, "id", "iIndex", "ID") or i)
-        examples.append(Example(ex_id, " ".join(str(question).split()), [_fmt_number(number)], number))
+        examples.append(Example(ex_id, " ".join(str(question).split()), [_fmt_number(number)],
+                                number))
     if not examples and formats.get("unknown", 0) == sum(formats.values()):
-        raise DataError(f"{path}: no math records found (expected sQuestion/lSolutions, original_text/ans, "
-                        "question/answer, or Body/Question/Answer)")
+        raise DataError(f"{path}: no math records found (expected sQuestion/lSolutions, "
+                        "original_text/ans, question/answer, or Body/Question/Answer)")
     return TaskData(examples, formats.most_common(1)[0][0] if formats else "empty", dict(skipped))
 
 
@@ -140,7 +148,8 @@ def _read_asdiv_xml(text: str, path: str) -> TaskData:
             skipped["answer is not a single number"] += 1
             continue
         q = _join_body_question(body or "", question)
-        examples.append(Example(prob.get("ID", str(i)), " ".join(q.split()), [_fmt_number(number)], number,
+        examples.append(Example(prob.get("ID", str(i)), " ".join(q.split()), [_fmt_number(number)],
+                                number,
                                 meta={"solution_type": prob.findtext("Solution-Type")}))
     if not examples and not skipped:
         raise DataError(f"{path}: no <Problem> elements (expected ASDiv XML)")
@@ -151,13 +160,15 @@ def _fmt_number(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(x)
 
 
-# -- LAMA -----------------------------------------------------------------------------------------------
+# -- LAMA
+# -----------------------------------------------------------------------------------------------
 _MASK = "[MASK]"
 _TRAILING = re.compile(r"^[\s.!?,;:'\")]*$")
 
 
 def lama_prompt(sentence: str) -> str | None:
-    """The statement up to its [MASK] if the mask is the last word (punctuation may follow), else None."""
+    """The statement up to its [MASK] if the mask is the last word (punctuation may follow), else
+    None."""
     if sentence.count(_MASK) != 1:
         return None
     before, after = sentence.split(_MASK)
@@ -197,7 +208,8 @@ def read_lama(path: str) -> TaskData:
     return TaskData(examples, "lama-jsonl", dict(skipped))
 
 
-# -- QA -------------------------------------------------------------------------------------------------
+# -- QA
+# -------------------------------------------------------------------------------------------------
 _TARGET_VALUE = re.compile(r'\(description\s+(?:"((?:[^"\\]|\\.)*)"|([^)\s]+))\)')
 
 
@@ -262,7 +274,8 @@ def _qa_from_records(records: list, path: str) -> TaskData:
     if not examples and not skipped:
         raise DataError(f"{path}: no QA records (expected question + answers)")
     if not examples and skipped.get("no question or no answers") == sum(skipped.values()):
-        raise DataError(f"{path}: no QA records (expected qText/question/utterance and answers/answer)")
+        raise DataError(f"{path}: no QA records (expected qText/question/utterance and "
+                        "answers/answer)")
     return TaskData(examples, fmt, dict(skipped))
 
 
@@ -289,7 +302,8 @@ def _read_dpr_tsv(text: str, path: str) -> TaskData:
     return TaskData(examples, "dpr-tsv", dict(skipped))
 
 
-# -- temporal -------------------------------------------------------------------------------------------
+# -- temporal
+# -------------------------------------------------------------------------------------------
 _ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
@@ -301,7 +315,8 @@ def read_temporal(path: str, dateset_size: int = 500) -> TaskData:
             n = int(parts[1]) if len(parts) > 1 and parts[1] else dateset_size
             seed = int(parts[2]) if len(parts) > 2 else 0
         except ValueError:
-            raise DataError(f"bad Dateset spec {path!r}: use dateset, dateset:N or dateset:N:seed") from None
+            raise DataError(f"bad Dateset spec {path!r}: use dateset, dateset:N or "
+                            "dateset:N:seed") from None
         if n <= 0:
             raise DataError(f"bad Dateset spec {path!r}: N must be positive")
         return TaskData(generate_dateset(n, seed), "dateset")
@@ -328,7 +343,8 @@ def read_temporal(path: str, dateset_size: int = 500) -> TaskData:
         examples.append(Example(str(rec.get("id", i)), " ".join(str(question).split()),
                                 list(dict.fromkeys(answers)), date=today, meta=meta))
     if not examples and not skipped:
-        raise DataError(f"{path}: no temporal records (expected question/edited_question and answer)")
+        raise DataError(f"{path}: no temporal records (expected question/edited_question and "
+                        "answer)")
     return TaskData(examples, "situatedqa-jsonl", dict(skipped))
 
 

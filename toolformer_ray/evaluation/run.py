@@ -31,13 +31,16 @@ def _data_label(task: str, path: str) -> str:
     return Path(path.rstrip("/")).stem or path
 
 
-def run_eval(cfg, tasks: dict[str, str] | list[tuple[str, str]] | None = None, models: list[str] | None = None,
-             modes: list[str] | None = None, progress: Callable[[str], None] | None = _progress) -> EvalReport:
-    """Evaluate every model in every mode on every (task, data path); write the report to cfg.eval.output.
+def run_eval(cfg, tasks: dict[str, str] | list[tuple[str, str]] | None = None,
+             models: list[str] | None = None,
+             modes: list[str] | None = None,
+             progress: Callable[[str], None] | None = _progress) -> EvalReport:
+    """Evaluate every model in every mode on every (task, data path); write the report to
+    cfg.eval.output.
 
-    tasks: {task: path} or [(task, path), ...] (default: cfg.eval.tasks with paths from cfg.eval.data);
-    models: model paths ("default", "tiny", a directory, s3://...; default: cfg.model.path);
-    modes: decoding modes (default: cfg.eval.modes).
+    tasks: {task: path} or [(task, path), ...] (default: cfg.eval.tasks with paths from
+    cfg.eval.data); models: model paths ("default", "tiny", a directory, s3://...; default:
+    cfg.model.path); modes: decoding modes (default: cfg.eval.modes).
     """
     say = progress or (lambda _msg: None)
     pairs = _task_pairs(cfg, tasks)
@@ -62,7 +65,8 @@ def run_eval(cfg, tasks: dict[str, str] | list[tuple[str, str]] | None = None, m
         datasets.append((task, path, data))
 
     set_torch_threads(cfg.inference.torch_threads)
-    needs_tools = any(m != "disabled" for m in modes) and any(t != "perplexity" for t, _, _ in datasets)
+    needs_tools = any(m != "disabled" for m in modes) and any(t != "perplexity"
+                                                              for t, _, _ in datasets)
     tools, unavailable = load_tools(cfg, strict=False) if needs_tools else ({}, {})
     for name, why in unavailable.items():
         say(f"warning: tool {name} unavailable ({why}); the model cannot call it")
@@ -97,9 +101,11 @@ def run_eval(cfg, tasks: dict[str, str] | list[tuple[str, str]] | None = None, m
                     row.model = label
                     row.model_path = lm.path
                     rows.append(row)
-                    _write_predictions(f"{output}/predictions/{label}__{task}-{data_label}__{mode}.jsonl", records)
-                    say(f"{label} {task}/{data_label} {mode}: accuracy {100 * (row.accuracy or 0):.1f}%, "
-                        f"with call {100 * (row.call_rate or 0):.1f}%, n={row.n}, {row.seconds:.1f}s")
+                    pred_file = f"{label}__{task}-{data_label}__{mode}.jsonl"
+                    _write_predictions(f"{output}/predictions/{pred_file}", records)
+                    say(f"{label} {task}/{data_label} {mode}: accuracy "
+                        f"{100 * (row.accuracy or 0):.1f}%, with call "
+                        f"{100 * (row.call_rate or 0):.1f}%, n={row.n}, {row.seconds:.1f}s")
         finally:
             decoder.close()
             del lm, decoder
@@ -107,8 +113,10 @@ def run_eval(cfg, tasks: dict[str, str] | list[tuple[str, str]] | None = None, m
     report = EvalReport(rows, meta={
         "models": models, "modes": modes, "tasks": [[t, p] for t, p, _ in datasets],
         "tools_available": sorted(tools), "tools_unavailable": unavailable,
-        "inference": infer_cfg.model_dump(), "eval": cfg.eval.model_dump(), "markers": cfg.markers.model_dump(),
-        "dtype": cfg.model.dtype, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "inference": infer_cfg.model_dump(), "eval": cfg.eval.model_dump(),
+                                    "markers": cfg.markers.model_dump(),
+        "dtype": cfg.model.dtype,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     })
     report.write(output)
     return report
@@ -120,7 +128,8 @@ def _task_pairs(cfg, tasks) -> list[tuple[str, str]]:
     else:
         missing = [t for t in cfg.eval.tasks if t not in cfg.eval.data]
         if missing:
-            raise UserError(f"no data path for task(s) {', '.join(missing)}: give --data or set eval.data.<task>")
+            raise UserError(f"no data path for task(s) {', '.join(missing)}: give --data or set "
+                            "eval.data.<task>")
         pairs = [(t, cfg.eval.data[t]) for t in cfg.eval.tasks]
     for task, _ in pairs:
         if task not in TASKS:
@@ -134,7 +143,8 @@ def _evaluate(task: str, data: TaskData, mode: str, allowed: list[str], decoder:
     prompts = [prompt_for(task, ex, cfg.eval) for ex in examples]
     dates = [ex.date or today for ex in examples]
     t0 = time.perf_counter()
-    transcripts = decoder.generate(prompts, mode=mode, allowed_tools=allowed, dates=dates, seed=cfg.run.seed)
+    transcripts = decoder.generate(prompts, mode=mode, allowed_tools=allowed, dates=dates,
+                                   seed=cfg.run.seed)
     seconds = time.perf_counter() - t0
     row = EvalRow(task=task, data="", model="", mode=mode, n=len(examples), seconds=seconds,
                   skipped=dict(data.skipped))
@@ -145,15 +155,18 @@ def _evaluate(task: str, data: TaskData, mode: str, allowed: list[str], decoder:
         row.with_call += tr.called
         records.append({"id": ex.id, "prompt": tr.prompt, "output": tr.text, "final": tr.final_text,
                         "answers": ex.answers, "correct": ok, "date": ex.date,
-                        "calls": [{"tool": c.tool, "input": c.input, "result": c.result, "status": c.status}
+                        "calls": [{"tool": c.tool, "input": c.input, "result": c.result,
+                                   "status": c.status}
                                   for c in tr.calls]})
     return row, records
 
 
-def _perplexity_row(cfg, lm, decoder: ToolDecoder, texts: list[str], data_label: str, label: str, say) -> EvalRow:
+def _perplexity_row(cfg, lm, decoder: ToolDecoder, texts: list[str], data_label: str, label: str,
+                    say) -> EvalRow:
     t0 = time.perf_counter()
     ppl = perplexity(lm.model, lm.tokenizer, texts, max_length=cfg.eval.perplexity_max_length,
-                     batch_size=max(1, cfg.inference.batch_size // 4), mask_token_ids=decoder.start_ids[:1])
+                     batch_size=max(1, cfg.inference.batch_size // 4),
+                     mask_token_ids=decoder.start_ids[:1])
     row = EvalRow(task="perplexity", data=data_label, model=label, mode="disabled", n=len(texts),
                   seconds=time.perf_counter() - t0, perplexity=ppl, model_path=lm.path)
     say(f"{label} perplexity/{data_label}: {ppl:.2f} over {len(texts)} texts, {row.seconds:.1f}s")
