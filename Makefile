@@ -28,7 +28,8 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)
-	$(BIN)/toolformer-ray bench --config configs/local.yaml
+	$(BIN)/python benchmarks/throughput.py --config configs/local.yaml
+	$(BIN)/python benchmarks/decoding.py --config configs/local.yaml
 
 clean:
 	rm -rf $(VENV) .cache runs

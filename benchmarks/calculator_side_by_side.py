@@ -1,5 +1,6 @@
-"""The calculator preset on the first N digit-bearing documents of an annotation corpus (issue 16): where
-do calls get lost, in sampling (few well-formed calls), in the prompt, or in the filter (L- - L+ < tau_f)?
+"""The calculator preset on the first N digit-bearing documents of an annotation corpus (issue 16):
+where do calls get lost, in sampling (few well-formed calls), in the prompt, or in the filter (L- -
+L+ < tau_f)?
 
     PYTHONPATH=. .venv/bin/python benchmarks/calculator_side_by_side.py \\
         --corpus /work/shared/data/corpus/annotation_corpus.jsonl --docs 10 \\
@@ -39,7 +40,8 @@ def main() -> None:
             if len(docs) >= args.docs:
                 break
     lm = load_model("default", dtype=args.dtype)
-    tc = ToolConfig(tau_s=0.0, k=20, m=5, tau_f=0.5, prefilter=False)  # the paper's calculator preset
+    # the paper's calculator preset
+    tc = ToolConfig(tau_s=0.0, k=20, m=5, tau_f=0.5, prefilter=False)
     tools = build_tools({"Calculator": tc})
     ann = Annotator(lm.model, lm.tokenizer, tools, {"Calculator": tc}, Markers(), seed=0)
     t0 = time.time()
@@ -53,9 +55,11 @@ def main() -> None:
     funnel["calls_with_result"] = sum(c.result is not None for c in sampled.candidates)
     funnel["kept_tau_f"] = sum(s.passes for s in scored)
     out = {"model": lm.path, "revision": lm.revision, "dtype": args.dtype, "corpus": args.corpus,
-           "documents": [d.doc_id for d in docs], "preset": {"tau_s": 0.0, "k": 20, "m": 5, "tau_f": 0.5},
+           "documents": [d.doc_id for d in docs],
+           "preset": {"tau_s": 0.0, "k": 20, "m": 5, "tau_f": 0.5},
            "funnel": funnel, "usefulness_top10": gains[:10],
-           "scored": [{"doc_id": s.cand.doc_id, "token_pos": s.cand.token_pos, "call": s.cand.call.input,
+           "scored": [{"doc_id": s.cand.doc_id, "token_pos": s.cand.token_pos,
+                       "call": s.cand.call.input,
                        "result": s.cand.result, "p_api": s.cand.p_api, "usefulness": s.usefulness}
                       for s in sorted(scored, key=lambda s: -s.usefulness)[:20]],
            "seconds": round(time.time() - t0, 1)}

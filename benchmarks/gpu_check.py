@@ -76,8 +76,10 @@ class WordTokenizer:
     _piece = re.compile(r"\s*\S+|\s+$")
 
     def __init__(self, vocab_size: int):
-        self.vocab_size, self.bos_token_id = vocab_size, None
-        self.eos_token_id, self.pad_token_id = 1, 0
+        self.vocab_size = vocab_size
+        self.bos_token_id = None
+        self.eos_token_id = 1
+        self.pad_token_id = 0
         self.by_id: dict[int, str] = {}
 
     def _id(self, piece: str) -> int:
@@ -130,7 +132,8 @@ def sync(device) -> None:
 # ---------------------------------------------------------------------------------------- exactness
 def _run_path(model, tok, prompt_text: str, texts: list[str]):
     """p_i, a 3-token marker's later log-probs and the three losses, through the model's path."""
-    markers, start_id = Markers(), tok(" [")["input_ids"][0]
+    markers = Markers()
+    start_id = tok(" [")["input_ids"][0]
     prompt = ToolPrompt.build("Calculator", prompt_text, tok, markers, [])
     docs = [tokenize_doc(tok, t) for t in texts]
     sp = start_pass(model, tok, prompt, docs, texts, start_id, tok.pad_token_id)
@@ -270,7 +273,8 @@ def tool_decoding(model, device, rows: int, prompt_len: int, steps: int,
             nxt = last_logits.argmax(-1, keepdim=True)
             toks.append(nxt)
             out = model_fwd(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache, last_logits = out.past_key_values, out.logits[:, -1]
+            cache = out.past_key_values
+            last_logits = out.logits[:, -1]
         return cache, last_logits, torch.cat(toks, 1)
 
     def run(mode: str) -> float:
@@ -391,7 +395,8 @@ def _out_of_time(signum, frame):
 
 def _report(name: str, phase: str, r: dict) -> None:
     if phase == "exactness" and "exactness_fp32" in r:
-        e, eb = r["exactness_fp32"], r["exactness_bench_dtype"]
+        e = r["exactness_fp32"]
+        eb = r["exactness_bench_dtype"]
         print(f"[{name}] path {r['attention']['mode']} {r['attention']['reason']}; "
               f"kernels {r['kernels']}; fp32 max |diff| p_i(log) {e['p_i_max_abs_log_diff']:.2e} "
               f"marker {e['marker_max_abs_log_diff']:.2e} losses {e['loss_max_abs_diff']:.2e}; "

@@ -1,12 +1,13 @@
 """How much the space after "Output:" moves p_i (issue 16, item 1), on the bundled demo corpus.
 
-Before the fix the document's copy after "\\nOutput:" was its own tokens encoded alone, so the model read
-"Output:The truck" while every example in the prompt reads "Output: The truck". This computes p_i for
-every usable position of the first N documents with each tool's prompt, both ways (the old way is the
-same code with the prompt's space after "Output:" dropped), and counts the positions above tau_s.
+Before the fix the document's copy after "\\nOutput:" was its own tokens encoded alone, so the model
+read "Output:The truck" while every example in the prompt reads "Output: The truck". This computes
+p_i for every usable position of the first N documents with each tool's prompt, both ways (the old
+way is the same code with the prompt's space after "Output:" dropped), and counts the positions
+above tau_s.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/output_space.py --docs 12 --tools WikiSearch Calculator \\
-        --out benchmarks/results/output_space.json
+    PYTHONPATH=. .venv/bin/python benchmarks/output_space.py --docs 12 \\
+        --tools WikiSearch Calculator --out benchmarks/results/output_space.json
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ class _Prompt(Tool):
         super().__init__()
 
 
-def probs(model, tok, prompt: ToolPrompt, texts: list[str], start_id: int, pad_id: int) -> list[list[float]]:
+def probs(model, tok, prompt: ToolPrompt, texts: list[str], start_id: int,
+          pad_id: int) -> list[list[float]]:
     """p_i at every usable position (as the annotator counts them: position 0 only with a BOS)."""
     min_pos = 0 if bos_ids(tok) else 1
     out = []
@@ -44,7 +46,8 @@ def probs(model, tok, prompt: ToolPrompt, texts: list[str], start_id: int, pad_i
         batch = texts[s:s + 8]
         tds = [tokenize_doc(tok, t) for t in batch]
         sp = start_pass(model, tok, prompt, tds, batch, start_id, pad_id)
-        out += [[p for i, (p, cp) in enumerate(zip(ps, td.char_pos)) if cp is not None and i >= min_pos]
+        out += [[p for i, (p, cp) in enumerate(zip(ps, td.char_pos))
+                 if cp is not None and i >= min_pos]
                 for ps, td in zip(sp.probs, tds)]
     return out
 
@@ -59,13 +62,15 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     lm = load_model("default", dtype=args.dtype)
-    model, tok = lm.model, lm.tokenizer
+    model = lm.model
+    tok = lm.tokenizer
     texts = [json.loads(line)["text"] for line in open(ROOT / "data/demo_corpus.jsonl")][:args.docs]
     markers = Markers()
     start_id = encode(tok, markers.start)[0]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     t0 = time.time()
-    result = {"model": lm.path, "revision": lm.revision, "dtype": args.dtype, "documents": len(texts),
+    result = {"model": lm.path, "revision": lm.revision, "dtype": args.dtype,
+              "documents": len(texts),
               "tau_s": args.tau_s, "corpus": "data/demo_corpus.jsonl (first N lines)", "tools": {}}
     for name in args.tools:
         fixed = ToolPrompt.build(name, _Prompt(name).prompt(), tok, markers, bos_ids(tok))
@@ -89,7 +94,8 @@ def main() -> None:
         print(name, result["tools"][name], flush=True)
         result["seconds"] = round(time.time() - t0, 1)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))  # after each tool: a cut run keeps its part
+        # after each tool: a cut run keeps its part
+        Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
 
 

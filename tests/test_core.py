@@ -1,4 +1,5 @@
-"""The fast batched core against the brute-force reference (tests/reference.py), on the tiny model in fp32."""
+"""The fast batched core against the brute-force reference (core/reference.py), on the tiny model in
+fp32."""
 from __future__ import annotations
 
 import copy
@@ -15,6 +16,8 @@ from toolformer_ray.core.annotate import Annotator
 from toolformer_ray.core.filtering import ScoredCall, score_candidates
 from toolformer_ray.core.lm import bos_ids
 from toolformer_ray.core.merge import merge_documents
+from toolformer_ray.core.reference import (context_ids_ref, loss_text_ref, prefix_ref, prompt_ref,
+                                           render_ref, sample_ref, start_logprob_ref)
 from toolformer_ray.core.sampling import (Candidate, DecodeRow, decode_calls, select_positions,
                                           split_prompt, start_pass, tokenize_doc)
 from toolformer_ray.core.scoring import WEIGHTS, loss_weights
@@ -23,8 +26,6 @@ from toolformer_ray.models import load_model
 from toolformer_ray.tools.base import Tool
 
 from caller_model import arithmetic_sentence, caller_model_dir
-from reference import (context_ids_ref, loss_text_ref, prefix_ref, prompt_ref, render_ref, sample_ref,
-                       start_logprob_ref)
 
 TOL = 1e-4
 LOG_TOL = 2e-4  # on log p_i: float32 batched vs one full forward
@@ -43,8 +44,8 @@ class PromptTool(Tool):
 
     def prompt(self) -> str:
         return ("Your task is to add calls to a Calculator API to a piece of text.\n"
-                "Input: The total is 5 + 7 = 12.\nOutput: The total is 5 + 7 = [Calculator(5 + 7)] 12.\n"
-                "Input: {text}\nOutput: ")
+                "Input: The total is 5 + 7 = 12.\nOutput: The total is 5 + 7 = [Calculator(5 + 7)] "
+                "12.\nInput: {text}\nOutput: ")
 
     def run(self, inputs, dates=None):
         return [str(len(x)) for x in inputs]
@@ -58,7 +59,8 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def caller():
-    """A tiny model that puts real mass on " [" and writes Calculator calls (tests/caller_model.py)."""
+    """A tiny model that puts real mass on " [" and writes Calculator calls
+    (tests/caller_model.py)."""
     return load_model(str(caller_model_dir()), dtype="float32")
 
 
@@ -117,11 +119,13 @@ def test_split_prompt_rerenders_example_calls_with_configured_markers():
     ids=["one-token-marker", "one-token-marker-bos", "multi-token-marker"])
 @pytest.mark.slow
 def test_start_probabilities_match_reference(request, model_name, markers, bos):
-    """log p_i of the fast pass equals the reference's, which builds [P(x), x_<i] from the raw prompt text
-    ("Output: " with its space, then x) and tokenizes it whole. In log space: most p_i are tiny."""
+    """log p_i of the fast pass equals the reference's, which builds [P(x), x_<i] from the raw
+    prompt text ("Output: " with its space, then x) and tokenizes it whole. In log space: most p_i
+    are tiny."""
     lm = request.getfixturevalue(model_name)
     model, tok = lm.model, (with_bos(lm.tokenizer) if bos else lm.tokenizer)
-    ann = Annotator(model, tok, {"Calculator": PromptTool()}, {"Calculator": ToolConfig(tau_s=0.0, k=3, m=2)},
+    ann = Annotator(model, tok, {"Calculator": PromptTool()},
+                    {"Calculator": ToolConfig(tau_s=0.0, k=3, m=2)},
                     markers)
     prompt = ann.prompts["Calculator"]
     docs = make_docs(ARITH[:3] + TEXTS[:2])
@@ -143,7 +147,8 @@ def test_start_probabilities_match_reference(request, model_name, markers, bos):
 
 
 def test_select_positions_threshold_and_top_k():
-    td = tokenize_doc.__globals__["TokenizedDoc"](ids=list(range(6)), char_pos=[0, 1, None, 3, 4, 5])
+    td = tokenize_doc.__globals__["TokenizedDoc"](ids=list(range(6)),
+                                                  char_pos=[0, 1, None, 3, 4, 5])
     probs = [0.9, 0.2, 0.8, 0.05, 0.3, 0.3]
     assert select_positions(probs, td, tau_s=0.1, k=2, min_pos=1) == [4, 5] or \
         select_positions(probs, td, tau_s=0.1, k=2, min_pos=1) == [1, 4]
@@ -156,15 +161,16 @@ def test_select_positions_threshold_and_top_k():
 @pytest.mark.parametrize("temperature", [1.0, 0.0])
 def test_sampled_continuations_match_reference(caller, temperature):
     """Decoding from slices of the batched pass's KV cache (finished rows dropped) gives the same
-    continuations as sampling each row alone with full forwards over the raw-text context and the same
-    random stream."""
+    continuations as sampling each row alone with full forwards over the raw-text context and the
+    same random stream."""
     model, tok = caller.model, caller.tokenizer
     markers = Markers()
     ann = Annotator(model, tok, {"Calculator": PromptTool()}, {"Calculator": ToolConfig()}, markers)
     prompt = ann.prompts["Calculator"]
     docs = make_docs(ARITH[:3] + TEXTS[:1])
     tds = [tokenize_doc(tok, d.text) for d in docs]
-    sp = start_pass(model, tok, prompt, tds, [d.text for d in docs], ann.marker_ids[0], tok.pad_token_id)
+    sp = start_pass(model, tok, prompt, tds, [d.text for d in docs], ann.marker_ids[0],
+                    tok.pad_token_id)
     rng = random.Random(1)
     rows, where = [], []
     for b, td in enumerate(tds):
@@ -173,7 +179,8 @@ def test_sampled_continuations_match_reference(caller, temperature):
             for j in range(2):
                 rows.append(DecodeRow(doc=b, ctx_len=sp.ctx_at[b][i], seed_key=f"{b}|{i}|{j}"))
                 where.append((b, i))
-    outs = decode_calls(model, tok, sp, rows, ann.marker_ids, markers, seed=7, temperature=temperature,
+    outs = decode_calls(model, tok, sp, rows, ann.marker_ids, markers, seed=7,
+                        temperature=temperature,
                         top_p=1.0, max_tokens=8, eos_id=tok.eos_token_id)
     ref_prompt = prompt_ref(PromptTool().prompt())
     for r, (b, i), out in zip(rows, where, outs):
@@ -185,7 +192,8 @@ def test_sampled_continuations_match_reference(caller, temperature):
 
 def _random_candidates(docs, tds, rng, n_per_doc=6, min_pos=1):
     cands = []
-    calls = [ApiCall("Calculator", "400 / 1400"), ApiCall("Calculator", "12 * 3"), ApiCall("WikiSearch", "Nile"),
+    calls = [ApiCall("Calculator", "400 / 1400"), ApiCall("Calculator", "12 * 3"),
+             ApiCall("WikiSearch", "Nile"),
              ApiCall("Calendar", "")]
     results = ["0.29", "36", "The Nile is a river in Africa.", "Today is Monday, January 30, 2023."]
     for d, td in zip(docs, tds):
@@ -194,8 +202,10 @@ def _random_candidates(docs, tds, rng, n_per_doc=6, min_pos=1):
             if td.char_pos[i] is None:
                 continue
             k = rng.randrange(len(calls))
-            cands.append(Candidate(doc_id=d.doc_id, tool=calls[k].tool, token_pos=i, char_pos=td.char_pos[i],
-                                   p_api=rng.random(), call=calls[k], result=rng.choice([results[k], None]
+            cands.append(Candidate(doc_id=d.doc_id, tool=calls[k].tool, token_pos=i,
+                                   char_pos=td.char_pos[i],
+                                   p_api=rng.random(), call=calls[k],
+                                   result=rng.choice([results[k], None]
                                                                                         if k == 1 else [results[k]])))
     return cands
 
@@ -203,8 +213,9 @@ def _random_candidates(docs, tds, rng, n_per_doc=6, min_pos=1):
 @pytest.mark.parametrize("separator,bos,attention", [("\n", False, "sdpa"), (" ", False, "sdpa"),
                                                      ("\n", True, "eager")])
 def test_losses_match_reference(tiny, separator, bos, attention):
-    """Packed scoring (several sequences to a row) equals one plain forward per sequence, whose prefix the
-    reference renders and tokenizes itself; under eager attention too (it adds the mask to the scores)."""
+    """Packed scoring (several sequences to a row) equals one plain forward per sequence, whose
+    prefix the reference renders and tokenizes itself; under eager attention too (it adds the mask
+    to the scores)."""
     model, tok = tiny.model, (with_bos(tiny.tokenizer) if bos else tiny.tokenizer)
     markers = Markers()
     docs = make_docs()
@@ -238,7 +249,8 @@ def test_losses_match_reference(tiny, separator, bos, attention):
 
 
 def test_kept_set_matches_reference_end_to_end(tiny):
-    """Sample with the annotator, fill results, score; the kept set equals the reference's decisions."""
+    """Sample with the annotator, fill results, score; the kept set equals the reference's
+    decisions."""
     model, tok = tiny.model, tiny.tokenizer
     markers = Markers()
     bos = bos_ids(tok)
@@ -250,7 +262,8 @@ def test_kept_set_matches_reference_end_to_end(tiny):
     ref_useful = []
     for c in cands:
         text, i = texts[c.doc_id], c.token_pos
-        lp = loss_text_ref(model, tok, prefix_ref(c.call.tool, c.call.input, c.result, "\n"), text, i)
+        lp = loss_text_ref(model, tok, prefix_ref(c.call.tool, c.call.input, c.result, "\n"), text,
+                           i)
         le = loss_text_ref(model, tok, "", text, i)
         ln = loss_text_ref(model, tok, prefix_ref(c.call.tool, c.call.input, None, "\n"), text, i)
         ref_useful.append(min(le, ln) - lp)
@@ -268,14 +281,17 @@ def test_kept_set_matches_reference_end_to_end(tiny):
 def test_annotator_sample_is_deterministic_and_counts_funnel(caller):
     model, tok = caller.model, caller.tokenizer
     tcfg = {"Calculator": ToolConfig(tau_s=0.0, k=3, m=4, prefilter=False)}
-    ann = Annotator(model, tok, {"Calculator": PromptTool()}, tcfg, Markers(), seed=1, max_call_tokens=8,
+    ann = Annotator(model, tok, {"Calculator": PromptTool()}, tcfg, Markers(), seed=1,
+                    max_call_tokens=8,
                     batch_docs=2, batch_rows=5)
     docs = make_docs(ARITH[:3] + TEXTS[:2])
     a = ann.sample(docs)
-    b = Annotator(model, tok, {"Calculator": PromptTool()}, tcfg, Markers(), seed=1, max_call_tokens=8,
+    b = Annotator(model, tok, {"Calculator": PromptTool()}, tcfg, Markers(), seed=1,
+                  max_call_tokens=8,
                   batch_docs=5, batch_rows=64).sample(docs)
     # one document per pass, all passes pooled into one decoding batch (merge_passes)
-    c = Annotator(model, tok, {"Calculator": PromptTool()}, tcfg, Markers(), seed=1, max_call_tokens=8,
+    c = Annotator(model, tok, {"Calculator": PromptTool()}, tcfg, Markers(), seed=1,
+                  max_call_tokens=8,
                   batch_docs=1, batch_rows=1000).sample(docs)
     key = [(c.doc_id, c.token_pos, c.call) for c in a.candidates]
     assert len({k[0] for k in key}) >= 2  # calls in several documents: the comparisons below are not empty
@@ -293,13 +309,15 @@ def test_annotator_sample_is_deterministic_and_counts_funnel(caller):
 def _scored(doc_id, tool, pos, char_pos, useful, inp="1+1", result="2"):
     c = Candidate(doc_id=doc_id, tool=tool, token_pos=pos, char_pos=char_pos, p_api=0.5,
                   call=ApiCall(tool, inp), result=result)
-    return ScoredCall(cand=c, prefix_plus="", prefix_no_result="", loss_plus=1.0, loss_no_call=1.0 + useful,
+    return ScoredCall(cand=c, prefix_plus="", prefix_no_result="", loss_plus=1.0,
+                      loss_no_call=1.0 + useful,
                       loss_call_no_result=5.0, tau_f=1.0)
 
 
 def test_merge_one_call_per_position_cap_in_document_order_and_round_trip():
     markers = Markers()
-    docs = [Document("a", "It costs 12 dollars in total."), Document("b", "Then 7 more were added."),
+    docs = [Document("a", "It costs 12 dollars in total."),
+            Document("b", "Then 7 more were added."),
             Document("c", "Seven came.")]
     scored = [
         _scored("c", "WikiSearch", 0, 0, 2.0, "seven", "7"),  # at the start: no leading space

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from toolformer_ray.evaluation.metrics import (answer_in_first_words, extract_numbers, first_number, math_correct,
-                                               normalize_answer, number_candidates, parse_answer_number)
+from toolformer_ray.evaluation.metrics import (answer_in_first_words, extract_numbers, first_number,
+                                               math_correct, normalize_answer, number_candidates,
+                                               parse_answer_number)
 
 
 @pytest.mark.parametrize("text, numbers", [
@@ -76,7 +77,8 @@ def test_answer_in_first_words():
 
 
 @pytest.mark.parametrize("value, number", [
-    (504.0, 504), ("98", 98), ([432.0], 432), ("1,000", 1000), ("9 (apples)", 9), ("-3 (degrees)", -3),
+    (504.0, 504), ("98", 98), ([432.0], 432), ("1,000", 1000), ("9 (apples)", 9),
+    ("-3 (degrees)", -3),
     ("1/2", 0.5), ("$5", 5), ("50%", 50),
     ("3:2", None), ("5 and 3", None), ([1.0, 2.0], None), ("", None), (None, None), (True, None),
     (float("nan"), None), ("about 5", None),

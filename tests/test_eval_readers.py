@@ -1,4 +1,5 @@
-"""Each evaluation format's reader, on a few real lines of each (tests/fixtures/eval/), plus the Dateset."""
+"""Each evaluation format's reader, on a few real lines of each (tests/fixtures/eval/), plus the
+Dateset."""
 from __future__ import annotations
 
 import datetime as dt
@@ -111,7 +112,8 @@ def test_qa_jsonl():
     assert [e.answers for e in d.examples] == [["the Saint Lawrence River"], ["Linda Davis"]]
 
 
-# -- temporal -----------------------------------------------------------------------------------------------
+# -- temporal
+# -----------------------------------------------------------------------------------------------
 def test_situatedqa_uses_the_edited_question():
     d = read("temporal", "situatedqa.jsonl")
     assert d.examples[0].question == "when did england last get to the semi final of a world cup as of 2021"
@@ -128,7 +130,8 @@ def test_dateset_answers_follow_from_the_date():
         today = dt.date.fromisoformat(e.date)
         assert e.date not in e.question and str(today.year) not in e.question.split("?")[0].split(",")[0]
         if e.meta["template"] == "days_ago":
-            past = dt.datetime.strptime(e.question[len("How many days ago was "):-1], "%B %d, %Y").date()
+            past = dt.datetime.strptime(e.question[len("How many days ago was "):-1],
+                                        "%B %d, %Y").date()
             assert e.answers == [str((today - past).days)]
         if e.question == "What day of the week is it today?":
             assert e.answers == [f"{today:%A}"]
@@ -149,7 +152,8 @@ def test_dateset_spec_and_file_round_trip(tmp_path):
         read_task("temporal", "dateset:many")
 
 
-# -- errors and limits --------------------------------------------------------------------------------------
+# -- errors and limits
+# --------------------------------------------------------------------------------------
 def test_limit():
     assert len(read("math", "mawps_single.json", limit=2).examples) == 2
 

@@ -1,5 +1,6 @@
-"""The evaluation harness end to end on the tiny model: tasks x modes -> table, JSON, chart, predictions;
-scoring of a steered output that calls the real Calculator; perplexity against a brute-force reference."""
+"""The evaluation harness end to end on the tiny model: tasks x modes -> table, JSON, chart,
+predictions; scoring of a steered output that calls the real Calculator; perplexity against a
+brute-force reference."""
 from __future__ import annotations
 
 import json
@@ -38,14 +39,16 @@ def lm():
 
 
 def config(tmp_path, *extra):
-    return load_config(None, ["model.path=tiny", "model.dtype=float32", f"eval.output={tmp_path}/eval",
+    return load_config(None,
+                       ["model.path=tiny", "model.dtype=float32", f"eval.output={tmp_path}/eval",
                               "eval.max_new_tokens=8", *ONLY_LOCAL_TOOLS, *extra])
 
 
 def test_run_eval_writes_table_json_chart_and_predictions(tmp_path):
     cfg = config(tmp_path, "eval.limit=2")
     tasks = [("math", str(FIX / "mawps_single.json")), ("lama", str(FIX / "lama_trex.jsonl")),
-             ("qa", str(FIX / "nq.dpr.tsv")), ("temporal", "dateset:3"), ("perplexity", str(FIX / "heldout.jsonl"))]
+             ("qa", str(FIX / "nq.dpr.tsv")), ("temporal", "dateset:3"),
+             ("perplexity", str(FIX / "heldout.jsonl"))]
     report = run_eval(cfg, tasks, models=["tiny"], modes=["tools", "disabled"], progress=None)
     assert [(r.task, r.mode) for r in report.rows] == [
         ("math", "tools"), ("math", "disabled"), ("lama", "tools"), ("lama", "disabled"), ("qa", "tools"),
@@ -70,10 +73,12 @@ def test_run_eval_writes_table_json_chart_and_predictions(tmp_path):
 
 
 class Steer:
-    """Make the tiny model write `text` after each prompt (the tool result itself is inserted by the decoder)."""
+    """Make the tiny model write `text` after each prompt (the tool result itself is inserted by the
+    decoder)."""
 
     def __init__(self, tok, prompts, texts):
-        self.full = [tok.encode(p) + tok.encode(t, add_special_tokens=False) for p, t in zip(prompts, texts)]
+        self.full = [tok.encode(p) + tok.encode(t, add_special_tokens=False)
+                     for p, t in zip(prompts, texts)]
 
     def __call__(self, seqs, logits):
         for i, seq in enumerate(seqs):
@@ -105,17 +110,20 @@ def test_scoring_reads_the_text_without_the_call_and_counts_calls(tmp_path, lm):
 
 
 def test_perplexity_matches_the_models_own_loss(lm):
-    texts = ["The quick brown fox jumps over the lazy dog.", "Numbers: 1, 2, 3, 4, 5 and then some more words."]
+    texts = ["The quick brown fox jumps over the lazy dog.",
+             "Numbers: 1, 2, 3, 4, 5 and then some more words."]
     ids = [lm.tokenizer(t)["input_ids"] for t in texts]
     with torch.no_grad():
-        nll = sum(lm.model(torch.tensor([i]), labels=torch.tensor([i])).loss.item() * (len(i) - 1) for i in ids)
+        nll = sum(lm.model(torch.tensor([i]), labels=torch.tensor([i])).loss.item() * (len(i) - 1)
+                  for i in ids)
     expected = math.exp(nll / sum(len(i) - 1 for i in ids))
     assert perplexity(lm.model, lm.tokenizer, texts, max_length=64, batch_size=2) == pytest.approx(expected, rel=1e-4)
     # Windows: each window's first token has no context and is not scored.
     short = perplexity(lm.model, lm.tokenizer, texts[:1], max_length=4, batch_size=3)
     w = [ids[0][k:k + 4] for k in range(0, len(ids[0]), 4)]
     with torch.no_grad():
-        nll = sum(lm.model(torch.tensor([x]), labels=torch.tensor([x])).loss.item() * (len(x) - 1) for x in w if len(x) > 1)
+        nll = sum(lm.model(torch.tensor([x]), labels=torch.tensor([x])).loss.item() * (len(x) - 1)
+                  for x in w if len(x) > 1)
     assert short == pytest.approx(math.exp(nll / sum(len(x) - 1 for x in w if len(x) > 1)), rel=1e-4)
 
 
@@ -139,29 +147,37 @@ def test_bad_requests_are_clear_errors(tmp_path):
     with pytest.raises(UserError, match="unknown task"):
         run_eval(cfg, [("poetry", "x")], models=["tiny"], progress=None)
     with pytest.raises(UserError, match="unknown mode"):
-        run_eval(cfg, [("math", str(FIX / "gsm8k.jsonl"))], models=["tiny"], modes=["sometimes"], progress=None)
+        run_eval(cfg, [("math", str(FIX / "gsm8k.jsonl"))], models=["tiny"], modes=["sometimes"],
+                 progress=None)
     with pytest.raises(UserError, match="not found"):
         run_eval(cfg, [("math", str(tmp_path / "nope.json"))], models=["tiny"], progress=None)
     with pytest.raises(UserError, match="no data path"):
         run_eval(cfg, None, models=["tiny"], progress=None)
     with pytest.raises(UserError, match="no usable"):
-        run_eval(config(tmp_path, "eval.limit=0"), [("math", str(FIX / "gsm8k.jsonl"))], models=["tiny"],
+        run_eval(config(tmp_path, "eval.limit=0"), [("math", str(FIX / "gsm8k.jsonl"))],
+                 models=["tiny"],
                  progress=None)
 
 
 def test_cli_eval_and_infer(tmp_path):
     runner = CliRunner()
-    sets = [x for s in ["model.dtype=float32", "eval.max_new_tokens=4", "inference.max_new_tokens=4",
+    sets = [x
+            for s in ["model.dtype=float32", "eval.max_new_tokens=4", "inference.max_new_tokens=4",
                         *ONLY_LOCAL_TOOLS] for x in ("--set", s)]
-    res = runner.invoke(app, ["eval", "--task", "math", "--data", str(FIX / "gsm8k.jsonl"), "--model", "tiny",
+    res = runner.invoke(app,
+                        ["eval", "--task", "math", "--data", str(FIX / "gsm8k.jsonl"), "--model",
+                         "tiny",
                               "--limit", "1", "-o", str(tmp_path / "cli"), *sets])
     assert res.exit_code == 0, res.output
     assert "| math | gsm8k | tiny | tools | 1 |" in res.output
     assert (tmp_path / "cli" / "results.json").is_file()
     res = runner.invoke(app, ["eval", "--task", "math", "--task", "qa", "--data", "x"])
     assert res.exit_code == 2
-    res = runner.invoke(app, ["infer", "What is 2+2?", "--model", "tiny", "--mode", "disabled", *sets])
+    res = runner.invoke(app,
+                        ["infer", "What is 2+2?", "--model", "tiny", "--mode", "disabled", *sets])
     assert res.exit_code == 0, res.output
     assert "prompt: What is 2+2?\noutput: " in res.output
-    res = runner.invoke(app, ["infer", "x", "--model", "tiny", "--tool", "Calculator", "--date", "2023-13-40", *sets])
+    res = runner.invoke(app,
+                        ["infer", "x", "--model", "tiny", "--tool", "Calculator", "--date",
+                         "2023-13-40", *sets])
     assert res.exit_code != 0 and "ISO date" in str(res.exception or res.output)

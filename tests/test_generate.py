@@ -23,7 +23,7 @@ from toolformer_ray.models import load_model
 from toolformer_ray.verify import verify_output
 
 from caller_model import caller_model_dir, corpus_records
-from reference import loss_ref
+from toolformer_ray.core.reference import loss_ref
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,18 +16,24 @@ DOC_TEXT = "The shop sold 400 of its 1400 items, i.e. 29% of them | on Monday."
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def candidate(tool, utility, *, doc_id="d1", char_pos=48, min_is_no_result=False, loss_plus=1.0, kept=None,
+def candidate(tool, utility, *, doc_id="d1", char_pos=48, min_is_no_result=False, loss_plus=1.0,
+              kept=None,
               p_api=0.3, call="400/1400", result="0.29"):
     # L- = min(no call, call without result) = loss_plus + utility; the other one is larger.
     low = None if utility is None else loss_plus + utility
     high = None if low is None else low + 0.7
     no_call, no_result = (high, low) if min_is_no_result else (low, high)
     inserted = f" [{tool}({call}) -> {result}]"
-    return {"doc_id": doc_id, "source_id": "s", "shard": "sh", "tool": tool, "call": call, "result": result,
-            "char_pos": char_pos, "token_pos": 9, "p_api": p_api, "prefix_plus": inserted.strip() + "\n",
-            "prefix_no_result": f"[{tool}({call}) ->]\n", "inserted_text": inserted, "loss_plus": loss_plus,
-            "loss_no_call": no_call, "loss_call_no_result": no_result, "tau_f": TAU_F[tool], "model": "tiny",
-            "model_revision": "r", "dtype": "float32", "config_hash": "h", "schema_version": SCHEMA_VERSION,
+    return {"doc_id": doc_id, "source_id": "s", "shard": "sh", "tool": tool, "call": call,
+            "result": result,
+            "char_pos": char_pos, "token_pos": 9, "p_api": p_api,
+            "prefix_plus": inserted.strip() + "\n",
+            "prefix_no_result": f"[{tool}({call}) ->]\n", "inserted_text": inserted,
+            "loss_plus": loss_plus,
+            "loss_no_call": no_call, "loss_call_no_result": no_result, "tau_f": TAU_F[tool],
+            "model": "tiny",
+            "model_revision": "r", "dtype": "float32", "config_hash": "h",
+            "schema_version": SCHEMA_VERSION,
             "kept": kept if kept is not None else (utility is not None and utility >= TAU_F[tool])}
 
 
@@ -40,15 +46,19 @@ def candidates_table() -> pa.Table:
     return pa.Table.from_pylist(rows, schema=CANDIDATES_SCHEMA)
 
 
-FUNNEL = {"Calculator": {"docs_seen": 10, "docs_prefiltered": 4, "calls_sampled": 6, "kept_tau_f": 3},
-          "Calendar": {"docs_seen": 10, "docs_prefiltered": 10, "calls_sampled": 2, "kept_tau_f": 1}}
+FUNNEL = {"Calculator": {"docs_seen": 10, "docs_prefiltered": 4, "calls_sampled": 6,
+                         "kept_tau_f": 3},
+          "Calendar": {"docs_seen": 10, "docs_prefiltered": 10, "calls_sampled": 2,
+                       "kept_tau_f": 1}}
 
 
 def documents_table() -> pa.Table:
     return pa.Table.from_pylist([
-        {"doc_id": "d1", "source_id": "s", "shard": "sh", "text": DOC_TEXT, "augmented_text": DOC_TEXT,
+        {"doc_id": "d1", "source_id": "s", "shard": "sh", "text": DOC_TEXT,
+         "augmented_text": DOC_TEXT,
          "n_calls": 1, "date": None, "meta": "{}"},
-        {"doc_id": "d2", "source_id": "s", "shard": "sh", "text": "Monday came.", "augmented_text": "",
+        {"doc_id": "d2", "source_id": "s", "shard": "sh", "text": "Monday came.",
+         "augmented_text": "",
          "n_calls": 1, "date": "2023-01-30", "meta": "{}"}], schema=DOCUMENTS_SCHEMA)
 
 
@@ -71,12 +81,14 @@ def test_examples_span_the_kept_range():
     assert [round(e["utility"], 6) for e in examples["Calendar"]] == [2.5]
     # Without a `kept` column value, the tool's tau_f decides.
     cands = candidates_table()
-    cands = cands.set_column(cands.schema.get_field_index("kept"), "kept", pa.nulls(cands.num_rows, pa.bool_()))
+    cands = cands.set_column(cands.schema.get_field_index("kept"), "kept",
+                             pa.nulls(cands.num_rows, pa.bool_()))
     assert len(pick_examples(cands, TAU_F, per_tool=10)["Calculator"]) == 3
 
 
 def test_write_report_local(tmp_path):
-    path = write_report(str(tmp_path), candidates_table(), FUNNEL, {"read": 1.0, "sample": 3.0, "wall": 5.0},
+    path = write_report(str(tmp_path), candidates_table(), FUNNEL,
+                        {"read": 1.0, "sample": 3.0, "wall": 5.0},
                         TAU_F, [0.5, 1.0, 2.0], documents=documents_table(),
                         tau_s_by_tool={"Calculator": 0.0, "Calendar": 0.05})
     assert path == str(tmp_path / "report" / "report.md")
@@ -112,8 +124,10 @@ def test_report_of_nothing(tmp_path):
 
 
 def test_fence_survives_tildes(tmp_path):
-    cands = pa.Table.from_pylist([candidate("Calculator", 2.0, char_pos=2)], schema=CANDIDATES_SCHEMA)
-    docs = pa.Table.from_pylist([{"doc_id": "d1", "source_id": "s", "shard": "sh", "text": "ab ~~~~ cd",
+    cands = pa.Table.from_pylist([candidate("Calculator", 2.0, char_pos=2)],
+                                 schema=CANDIDATES_SCHEMA)
+    docs = pa.Table.from_pylist([{"doc_id": "d1", "source_id": "s", "shard": "sh",
+                                  "text": "ab ~~~~ cd",
                                   "augmented_text": "", "n_calls": 0, "date": None, "meta": "{}"}],
                                 schema=DOCUMENTS_SCHEMA)
     write_report(str(tmp_path), cands, {}, {}, TAU_F, [1.0], documents=docs)

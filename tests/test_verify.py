@@ -1,6 +1,7 @@
-"""`toolformer-ray verify` checks what it says: on a tokenizer that adds BOS, from re-rendered prefixes, at
-the stored positions, and on a seeded sample of the rejected candidates too. The output comes from a real
-`generate --no-ray` run of the tiny caller model (tests/caller_model.py) given a BOS-adding tokenizer."""
+"""`toolformer-ray verify` checks what it says: on a tokenizer that adds BOS, from re-rendered
+prefixes, at the stored positions, and on a seeded sample of the rejected candidates too. The output
+comes from a real `generate --no-ray` run of the tiny caller model (tests/caller_model.py) given a
+BOS-adding tokenizer."""
 from __future__ import annotations
 
 import json
@@ -25,13 +26,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def bos_run(tmp_path_factory) -> str:
-    """One output version, made by the caller model with a tokenizer that adds BOS (as Llama's does)."""
+    """One output version, made by the caller model with a tokenizer that adds BOS (as Llama's
+    does)."""
     tmp = tmp_path_factory.mktemp("verify")
     model = tmp / "caller-bos"
     shutil.copytree(caller_model_dir(), model, ignore=shutil.ignore_patterns("revision.json"))
     tok = load_tokenizer(model)
     bos = tok.bos_token
-    tok._tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+    tok._tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A",
+                                                       pair=f"{bos} $A {bos} $B",
                                                        special_tokens=[(bos, tok.bos_token_id)])
     tok.save_pretrained(model)
     assert bos_ids(load_tokenizer(model)) == [tok.bos_token_id]
@@ -47,8 +50,10 @@ def bos_run(tmp_path_factory) -> str:
     return run_generate(cfg, use_ray=False, progress=False).output
 
 
-def _tamper(version: str, dest: Path, table: str, column: str, change, where=lambda row: True) -> str:
-    """A copy of the version with `column` changed in the first row of `table` that `where` accepts."""
+def _tamper(version: str, dest: Path, table: str, column: str, change,
+            where=lambda row: True) -> str:
+    """A copy of the version with `column` changed in the first row of `table` that `where`
+    accepts."""
     out = dest / Path(version).name
     shutil.copytree(version, out)
     for part in sorted((out / table).glob("*.parquet")):
@@ -60,7 +65,8 @@ def _tamper(version: str, dest: Path, table: str, column: str, change, where=lam
         values = t.column(column).to_pylist()
         values[hit] = change(values[hit])
         idx = t.schema.get_field_index(column)
-        pq.write_table(t.set_column(idx, column, pa.array(values, t.schema.field(column).type)), part)
+        pq.write_table(t.set_column(idx, column, pa.array(values, t.schema.field(column).type)),
+                       part)
         return str(out)
     raise AssertionError(f"no row of {table} to tamper with")
 
@@ -76,9 +82,12 @@ def test_verify_passes_on_a_bos_run_and_checks_rejected_calls(bos_run):
 def test_verify_catches_tampered_rows(bos_run, tmp_path):
     cases = {
         # a rejected call's loss: a bug that under-keeps would look like this
-        "rejected": ("candidates", "loss_plus", lambda v: v + 0.01, lambda r: not r["kept"], "mismatches"),
-        # the stored prefix is no longer the call's rendering (the losses still match the stored text)
-        "prefix": ("calls", "prefix_plus", lambda v: v.replace("(", "( "), lambda r: True, "row_mismatches"),
+        "rejected": ("candidates", "loss_plus",
+                     lambda v: v + 0.01, lambda r: not r["kept"], "mismatches"),
+        # the stored prefix is no longer the call's rendering (the losses still match the stored
+        # text)
+        "prefix": ("calls", "prefix_plus",
+                   lambda v: v.replace("(", "( "), lambda r: True, "row_mismatches"),
         # the position no longer matches the token (char_pos one character later)
         "char_pos": ("calls", "char_pos", lambda v: v + 1, lambda r: True, "row_mismatches"),
     }
@@ -98,5 +107,6 @@ def test_code_version_is_recorded_in_manifest_records_and_rows(bos_run):
     manifest = json.loads((Path(bos_run) / "manifest.json").read_text())
     assert manifest["code_version"] == version and manifest["code_versions"] == [version]
     for table in ("calls", "candidates"):
-        rows = pads.dataset(f"{bos_run}/{table}", format="parquet").to_table().column("code_version")
+        rows = pads.dataset(f"{bos_run}/{table}",
+                            format="parquet").to_table().column("code_version")
         assert len(rows) and set(rows.to_pylist()) == {version}

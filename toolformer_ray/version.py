@@ -26,7 +26,8 @@ def _package_version() -> str:
 def _git_commit() -> str | None:
     """HEAD's commit when the package's files are exactly those of HEAD, else None."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(PACKAGE_DIR), *args], capture_output=True, text=True,
+        return subprocess.run(["git", "-C", str(PACKAGE_DIR), *args], capture_output=True,
+                              text=True,
                               timeout=10, check=True).stdout.strip()
     try:
         if git("status", "--porcelain", "--", "."):
@@ -40,7 +41,8 @@ def source_hash() -> str:
     """sha256 over the package's Python sources and bundled prompts (paths and contents)."""
     h = hashlib.sha256()
     files = (p for p in PACKAGE_DIR.rglob("*")
-             if p.is_file() and p.suffix in (".py", ".txt", ".json") and "__pycache__" not in p.parts)
+             if p.is_file() and p.suffix in (".py", ".txt",
+                                             ".json") and "__pycache__" not in p.parts)
     for path in sorted(files):
         h.update(str(path.relative_to(PACKAGE_DIR)).encode() + b"\0")
         h.update(path.read_bytes())

@@ -1,1 +1,2 @@
-"""The Toolformer method itself, free of Ray: sampling, filtering and merging as pure functions on batches."""
+"""The Toolformer method itself, free of Ray: sampling, filtering and merging as pure functions on
+batches."""

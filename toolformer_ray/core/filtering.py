@@ -1,13 +1,15 @@
 """Filtering API calls (paper, section 2, "Filtering API Calls").
 
-    L+ = L_i(e(c, r)),   L- = min(L_i(empty), L_i(e(c, empty))),   keep the call iff L- - L+ >= tau_f
+    L+ = L_i(e(c, r)),   L- = min(L_i(empty), L_i(e(c, empty))),
+    keep the call iff L- - L+ >= tau_f
 
 The call is given as a PREFIX of the whole text (the base model has never seen inline calls), so:
   * L_i(empty) for every position comes from one pass per document;
   * a scored sequence only runs to i + 5 document tokens;
   * sequences with the same prefix string share one pass, whatever positions they are scored at.
-Scoring sequence (DESIGN.md): [BOS if the tokenizer adds one] + tokens(prefix) + tokens(document), each
-encoded on its own without special tokens. A call without a result is never kept, so it is not scored.
+Scoring sequence (DESIGN.md): [BOS if the tokenizer adds one] + tokens(prefix) + tokens(document),
+each encoded on its own without special tokens. A call without a result is never kept, so it is not
+scored.
 """
 from __future__ import annotations
 
@@ -45,16 +47,19 @@ class ScoredCall:
 
 
 def prefix_strings(cand: Candidate, markers: Markers, separator: str) -> tuple[str, str]:
-    """(e(c, r) + separator, e(c, empty) + separator); the marker's leading space is dropped at text start."""
+    """(e(c, r) + separator, e(c, empty) + separator); the marker's leading space is dropped at text
+    start."""
     plus = render(cand.call, markers, result=cand.result).lstrip() + separator
     no_result = render(cand.call, markers, with_result_marker=True).lstrip() + separator
     return plus, no_result
 
 
 def score_candidates(model, tokenizer, docs: dict[str, TokenizedDoc], candidates: list[Candidate],
-                     markers: Markers, separator: str, tau_f: dict[str, float], bos: list[int], pad_id: int,
+                     markers: Markers, separator: str, tau_f: dict[str, float], bos: list[int],
+                     pad_id: int,
                      batch_tokens: int = 8192, log: list | None = None) -> list[ScoredCall]:
-    """Losses for every candidate that has a result; one batched pass over all distinct sequences."""
+    """Losses for every candidate that has a result; one batched pass over all distinct
+    sequences."""
     scorable = [c for c in candidates if c.result is not None]
     prefixes = [prefix_strings(c, markers, separator) for c in scorable]
 
@@ -65,18 +70,21 @@ def score_candidates(model, tokenizer, docs: dict[str, TokenizedDoc], candidates
             positions[key].add(c.token_pos)
     keys = list(positions)
     prefix_ids = {p: encode(tokenizer, p) for p in {k[1] for k in keys if k[1] is not None}}
-    requests, offsets = [], []
+    requests = []
+    offsets = []
     for doc_id, prefix in keys:
         doc = docs[doc_id]
         head = bos + (prefix_ids[prefix] if prefix is not None else [])
         offset = len(head)  # index of document token 0 in the sequence
-        targets = sorted({offset + j for i in positions[(doc_id, prefix)] for j in window(i, len(doc.ids))})
+        targets = sorted({offset + j for i in positions[(doc_id, prefix)]
+                          for j in window(i, len(doc.ids))})
         if targets and targets[0] < 1:
             raise ValueError("position 0 cannot be scored without a BOS token")
         requests.append(NllRequest(ids=head + doc.ids, targets=targets))
         offsets.append(offset)
     nll = token_nll(model, requests, pad_id, batch_tokens, log)
-    by_key = {key: {t - off: v for t, v in res.items()} for key, res, off in zip(keys, nll, offsets)}
+    by_key = {key: {t - off: v for t, v in res.items()}
+              for key, res, off in zip(keys, nll, offsets)}
 
     scored = []
     for c, (plus, no_res) in zip(scorable, prefixes):

@@ -1,8 +1,10 @@
-"""Thin helpers over a Hugging Face causal LM: tokenizing, hidden states, logits only where needed, KV caches.
+"""Thin helpers over a Hugging Face causal LM: tokenizing, hidden states, logits only where needed,
+KV caches.
 
 The method needs the full softmax only at a few positions (p_i at document positions, the 5 weighted
-tokens after a call), so the forward pass stops at the final hidden states and the LM head is applied to
-the positions that matter: on a 135M model with a 49k vocabulary that is a fifth of the FLOPs saved.
+tokens after a call), so the forward pass stops at the final hidden states and the LM head is
+applied to the positions that matter: on a 135M model with a 49k vocabulary that is a fifth of the
+FLOPs saved.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ log = logging.getLogger(__name__)
 
 
 def encode(tokenizer, text: str) -> list[int]:
-    """Token ids of `text` on its own, without special tokens (the scoring convention of DESIGN.md)."""
+    """Token ids of `text` on its own, without special tokens (the scoring convention of
+    DESIGN.md)."""
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -42,7 +45,8 @@ def decoder(model):
 
 def hidden_states(model, input_ids: torch.Tensor, past_key_values=None, attention_mask=None,
                   position_ids=None, use_cache: bool = False):
-    """Final-layer hidden states (after the final norm) and the cache. Inputs move to the model's device."""
+    """Final-layer hidden states (after the final norm) and the cache. Inputs move to the model's
+    device."""
     dev = model.device
     input_ids = input_ids.to(dev)
     attention_mask = attention_mask.to(dev) if attention_mask is not None else None
@@ -63,7 +67,8 @@ def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def cache_from_layers(model, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    """A DynamicCache holding the given per-layer (key, value) tensors [batch, kv_heads, seq, head_dim]."""
+    """A DynamicCache holding the given per-layer (key, value) tensors [batch, kv_heads, seq,
+    head_dim]."""
     cache = DynamicCache(config=model.config)
     for layer_idx, (k, v) in enumerate(layers):
         cache.update(k, v, layer_idx)
@@ -76,7 +81,8 @@ def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def pad_batch(rows: list[list[int]], pad_id: int) -> torch.Tensor:
-    """Right-padded [B, max_len] ids. Causal attention never lets a real token see the right padding."""
+    """Right-padded [B, max_len] ids. Causal attention never lets a real token see the right
+    padding."""
     width = max(len(r) for r in rows)
     out = torch.full((len(rows), width), pad_id, dtype=torch.long)
     for b, r in enumerate(rows):
@@ -85,27 +91,32 @@ def pad_batch(rows: list[list[int]], pad_id: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------ shared-prefix attention
-# Every document of a tool is read after the same few-shot prompt, and the m samples at k positions of a
-# document all continue the same document context. A plain KV cache copies the prompt's and the document's
-# keys/values into every row, and concatenates the cache (another copy) at every decoding step. Here the
-# context is attended to where it lies: (1) the prompt's KV once for all rows, (2) each document's KV from
-# the teacher-forced pass, shared by that document's rows up to each row's own position, (3) each row's own
-# new tokens, in a small preallocated buffer. The softmax parts are merged exactly by their log-sum-exp,
-# so the result equals attention over the concatenated sequence (checked against the reference).
+# Every document of a tool is read after the same few-shot prompt, and the m samples at k positions
+# of a document all continue the same document context. A plain KV cache copies the prompt's and the
+# document's keys/values into every row, and concatenates the cache (another copy) at every decoding
+# step. Here the context is attended to where it lies: (1) the prompt's KV once for all rows, (2)
+# each document's KV from the teacher-forced pass, shared by that document's rows up to each row's
+# own position, (3) each row's own new tokens, in a small preallocated buffer. The softmax parts are
+# merged exactly by their log-sum-exp, so the result equals attention over the concatenated sequence
+# (checked against the reference).
 PREFIX_ATTENTION = "toolformer_shared_prefix"
 _ATTENTION_CALLS = [0]  # calls of shared_prefix_attention: a family that bypasses it shows
 
 
 class RowKV:
-    """Per-row keys/values in preallocated buffers [R, kv_heads, capacity, head_dim] (no copy per step)."""
+    """Per-row keys/values in preallocated buffers [R, kv_heads, capacity, head_dim] (no copy per
+    step)."""
 
     def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]], extra: int):
-        self.k, self.v, self.lengths = [], [], []
+        self.k = []
+        self.v = []
+        self.lengths = []
         for k, v in layers:
             R, H, L, D = k.shape
             kb = k.new_empty(R, H, L + extra, D)
             vb = v.new_empty(R, H, L + extra, D)
-            kb[:, :, :L], vb[:, :, :L] = k, v
+            kb[:, :, :L] = k
+            vb[:, :, :L] = v
             self.k.append(kb)
             self.v.append(vb)
             self.lengths.append(L)
@@ -146,25 +157,29 @@ class RowKV:
 
 
 class DocContext:
-    """Part (2): per-document KV [D, kv_heads, L, head_dim] (from the teacher-forced pass), seen by each row
-    of that document up to the row's context length. Each step the active rows are packed per document
-    (slot j of document b), so the attention is one batched call over documents and its work follows the
-    rows still decoding; the documents' KV itself is never copied."""
+    """Part (2): per-document KV [D, kv_heads, L, head_dim] (from the teacher-forced pass), seen by
+    each row of that document up to the row's context length. Each step the active rows are packed
+    per document (slot j of document b), so the attention is one batched call over documents and its
+    work follows the rows still decoding; the documents' KV itself is never copied."""
 
-    def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]], row_doc: list[int], row_ctx: list[int]):
+    def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]], row_doc: list[int],
+                 row_ctx: list[int]):
         self.kv = kv
-        self.n_docs, self.width = kv[0][0].shape[0], kv[0][0].shape[2]
+        self.n_docs = kv[0][0].shape[0]
+        self.width = kv[0][0].shape[2]
         self.row_doc = torch.tensor(row_doc, dtype=torch.long)
         self.row_ctx = torch.tensor(row_ctx, dtype=torch.long)
         self._layout = None
 
     def keep(self, rows: torch.Tensor) -> None:
         rows = rows.cpu()
-        self.row_doc, self.row_ctx = self.row_doc[rows], self.row_ctx[rows]
+        self.row_doc = self.row_doc[rows]
+        self.row_ctx = self.row_ctx[rows]
         self._layout = None
 
     def layout(self, gq: int, dtype, device):
-        """(slot of each active row, slots per document, additive mask [D, 1, slots * gq, L]), per step."""
+        """(slot of each active row, slots per document, additive mask [D, 1, slots * gq, L]), per
+        step."""
         if self._layout is None or self._layout[0] != gq:
             counts = torch.bincount(self.row_doc, minlength=self.n_docs)
             per_doc = max(1, int(counts.max()))
@@ -190,13 +205,14 @@ class DocContext:
 
 def shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                             shared_prefix=None, doc_context: DocContext | None = None, **kwargs):
-    """Attention over [shared prefix, document context, row's own tokens] as separate parts, merged exactly.
+    """Attention over [shared prefix, document context, row's own tokens] as separate parts, merged
+    exactly.
 
-    query [B, H, q, d]; key/value [B, kv_heads, k, d]: the rows' own tokens (part 3), which a query sees
-    causally (when q == k: a teacher-forced row, or a multi-token marker fed at once) or all of (q == 1:
-    one decoding step); `attention_mask` is a placeholder. Parts 1 and 2 are visible as described above.
-    Grouped-query heads are folded into the query axis instead of repeating K/V; each part is one fused
-    attention call that also returns its log-sum-exp.
+    query [B, H, q, d]; key/value [B, kv_heads, k, d]: the rows' own tokens (part 3), which a query
+    sees causally (when q == k: a teacher-forced row, or a multi-token marker fed at once) or all of
+    (q == 1: one decoding step); `attention_mask` is a placeholder. Parts 1 and 2 are visible as
+    described above. Grouped-query heads are folded into the query axis instead of repeating K/V;
+    each part is one fused attention call that also returns its log-sum-exp.
     """
     _ATTENTION_CALLS[0] += 1
     B, H, Q, D = query.shape
@@ -209,8 +225,10 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     scale = scaling if scaling is not None else D ** -0.5
     if Q > 1:  # causal over the row's own tokens; heads stay separate for the causal kernel
         q_rows = query.reshape(B, n_kv, g, Q, D)
-        o, lse = _attend(q_rows.reshape(B * n_kv, g, Q, D), key.reshape(B * n_kv, 1, K, D).expand(-1, g, -1, -1),
-                         value.reshape(B * n_kv, 1, K, D).expand(-1, g, -1, -1), None, scale, causal=True)
+        o, lse = _attend(q_rows.reshape(B * n_kv, g, Q, D),
+                         key.reshape(B * n_kv, 1, K, D).expand(-1, g, -1, -1),
+                         value.reshape(B * n_kv, 1, K, D).expand(-1, g, -1, -1), None, scale,
+                         causal=True)
         parts = [(o.reshape(B, n_kv, gq, D), lse.reshape(B, n_kv, gq))]
     else:
         parts = [_attend(query.reshape(B, n_kv, gq, D), key, value, None, scale, fused=K > 64)]
@@ -219,14 +237,17 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
         pk, pv = shared_prefix[module.layer_idx]  # [kv, P, d]
         qp = q.permute(1, 0, 2, 3).reshape(1, n_kv, B * gq, D)
         o, lse = _attend(qp, pk[None], pv[None], None, scale)
-        parts.append((o.reshape(n_kv, B, gq, D).permute(1, 0, 2, 3), lse.reshape(n_kv, B, gq).permute(1, 0, 2)))
+        parts.append((o.reshape(n_kv, B, gq, D).permute(1, 0, 2, 3),
+                      lse.reshape(n_kv, B, gq).permute(1, 0, 2)))
     if doc_context is not None:
         dk, dv = doc_context.kv[module.layer_idx]  # [docs, kv, L, d]
         slot, per_doc, dbias = doc_context.layout(gq, q.dtype, q.device)
-        n_docs, S = doc_context.n_docs, doc_context.n_docs * per_doc
+        n_docs = doc_context.n_docs
+        S = doc_context.n_docs * per_doc
         qd = q.new_zeros(S, n_kv, gq, D)
         qd[slot] = q
-        qd = qd.view(n_docs, per_doc, n_kv, gq, D).permute(0, 2, 1, 3, 4).reshape(n_docs, n_kv, per_doc * gq, D)
+        qd = qd.view(n_docs, per_doc, n_kv, gq, D).permute(0, 2, 1, 3, 4).reshape(n_docs, n_kv,
+                                                                                  per_doc * gq, D)
         o, lse = _attend(qd, dk, dv, dbias, scale)
         o = o.view(n_docs, n_kv, per_doc, gq, D).permute(0, 2, 1, 3, 4).reshape(S, n_kv, gq, D)
         lse = lse.view(n_docs, n_kv, per_doc, gq).permute(0, 2, 1, 3).reshape(S, n_kv, gq)
@@ -269,7 +290,8 @@ def _attend(q, k, v, bias, scale, fused: bool = True, causal: bool = False):
     KERNELS_USED.add("math")
     s = (q.float() @ k.float().transpose(-1, -2)) * scale
     if causal:
-        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril(), float("-inf"))
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril(),
+                          float("-inf"))
     if bias is not None:
         s = s + bias.float()
     lse = torch.logsumexp(s, -1)
@@ -279,9 +301,11 @@ def _attend(q, k, v, bias, scale, fused: bool = True, causal: bool = False):
 def _attend_cuda(q, k, v, bias, scale, causal):
     B, H, Q, _ = q.shape
     K = k.shape[2]
-    k, v = k.expand(B, H, K, -1), v.expand(B, H, K, -1)
+    k = k.expand(B, H, K, -1)
+    v = v.expand(B, H, K, -1)
     if 0 in k.stride()[:2]:  # grouped heads expanded over the (few) own tokens: give real strides
-        k, v = k.contiguous(), v.contiguous()
+        k = k.contiguous()
+        v = v.contiguous()
     if bias is not None:
         bias = bias.to(q.dtype)
         if bias.stride(-2) % _MASK_ALIGN or bias.stride(-1) != 1:
@@ -311,7 +335,8 @@ _register()
 # sequences (`plain_hidden`, `PlainContext`; slower, exact by construction) or is refused. Never
 # different numbers.
 SELF_CHECK_TOL = 1e-3  # max |log p diff|, float32
-_SELF_CHECK_LEN, _SELF_CHECK_PREFIX = 64, 12
+_SELF_CHECK_LEN = 64
+_SELF_CHECK_PREFIX = 12
 
 
 class UnsupportedModel(UserError, ValueError):
@@ -454,7 +479,8 @@ def _self_check_fast(model) -> float:
     """max |log p diff| of the fast path (teacher-forced rows after a shared prefix, then rows
     continuing a document context with a multi-token feed and a one-token step) vs one plain
     forward."""
-    n, P = _SELF_CHECK_LEN, _SELF_CHECK_PREFIX
+    n = _SELF_CHECK_LEN
+    P = _SELF_CHECK_PREFIX
     g = torch.Generator().manual_seed(0)
     seq = torch.randint(0, model.config.vocab_size, (1, n), generator=g)
     ref = _log_probs(model, hidden_states(model, seq)[0])[0]
@@ -534,11 +560,13 @@ class PlainContext:
     model's own cache. Stands in for DocContext when the model is on the plain path."""
 
     def __init__(self, model, contexts: list[list[int]]):
-        self.model, self.contexts = model, contexts
+        self.model = model
+        self.contexts = contexts
         self.cache = self.mask = self.next_pos = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        model, dev = self.model, self.model.device
+        model = self.model
+        dev = self.model.device
         R, q = input_ids.shape
         if self.cache is None:
             seqs = [c + ids for c, ids in zip(self.contexts, input_ids.tolist())]
@@ -567,17 +595,20 @@ class PlainContext:
 
     def keep(self, rows: torch.Tensor) -> None:
         self.cache.batch_select_indices(rows.to(self.model.device))
-        self.mask, self.next_pos = self.mask[rows.cpu()], self.next_pos[rows.cpu()]
+        self.mask = self.mask[rows.cpu()]
+        self.next_pos = self.next_pos[rows.cpu()]
 
 
 _NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)  # a 4D mask makes HF skip its own mask building
 
 
-def prefix_forward(model, input_ids: torch.Tensor, rows: RowKV, prefix_kv, position_ids: torch.Tensor,
+def prefix_forward(model, input_ids: torch.Tensor, rows: RowKV, prefix_kv,
+                   position_ids: torch.Tensor,
                    doc_context: DocContext | None = None) -> torch.Tensor:
-    """Final hidden states of `input_ids` [R, q] attending to the shared prefix (all of it), to the rows'
-    document context if given, and to each row's own tokens (causally); appends their keys/values to `rows`.
-    Either rows are empty and q tokens are fed at once, or one token per row is fed per step."""
+    """Final hidden states of `input_ids` [R, q] attending to the shared prefix (all of it), to the
+    rows' document context if given, and to each row's own tokens (causally); appends their
+    keys/values to `rows`. Either rows are empty and q tokens are fed at once, or one token per row
+    is fed per step."""
     if isinstance(doc_context, PlainContext):  # the plain path (attention_plan)
         return doc_context.forward(input_ids)
     check_context(model, int(position_ids.max()) + 1)
@@ -587,7 +618,8 @@ def prefix_forward(model, input_ids: torch.Tensor, rows: RowKV, prefix_kv, posit
     cfg._attn_implementation = PREFIX_ATTENTION
     try:
         out = decoder(model)(input_ids=input_ids.to(dev), attention_mask=_NO_MASK.to(dev),
-                             position_ids=position_ids.to(dev), past_key_values=rows, use_cache=True,
+                             position_ids=position_ids.to(dev), past_key_values=rows,
+                             use_cache=True,
                              shared_prefix=prefix_kv, doc_context=doc_context)
     finally:
         cfg._attn_implementation = saved

@@ -3,10 +3,10 @@
     x* = x_<i, e(c_i, r_i), x_>=i
 
 several calls per document (from all tools), at most one per position: where calls compete for a
-position the most useful one (largest L- - L+) wins. Calls go into the ORIGINAL text at the character
-position of token i, so the augmented text minus its calls is the original, character for character.
-The per-tool cap (paper: 25k kept examples per tool) is filled in document order, so it is the same
-whatever the batching or the order in which workers finish.
+position the most useful one (largest L- - L+) wins. Calls go into the ORIGINAL text at the
+character position of token i, so the augmented text minus its calls is the original, character for
+character. The per-tool cap (paper: 25k kept examples per tool) is filled in document order, so it
+is the same whatever the batching or the order in which workers finish.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ class MergedDoc:
 
 
 def choose_per_position(passing: list[ScoredCall]) -> list[ScoredCall]:
-    """At most one call per position: the most useful (ties: tool, then call text, for determinism)."""
+    """At most one call per position: the most useful (ties: tool, then call text, for
+    determinism)."""
     best: dict[int, ScoredCall] = {}
     for s in passing:
         cur = best.get(s.cand.token_pos)
@@ -58,13 +59,15 @@ def merge_documents(docs: list[Document], scored: list[ScoredCall], markers: Mar
                 remaining[s.cand.tool] = left - 1
             used[s.cand.tool] = used.get(s.cand.tool, 0) + 1
             inserted.append(s)
-        text = insert_calls(doc.text, [(s.cand.char_pos, inserted_text(s, markers)) for s in inserted])
+        text = insert_calls(doc.text,
+                            [(s.cand.char_pos, inserted_text(s, markers)) for s in inserted])
         merged.append(MergedDoc(doc=doc, augmented_text=text, calls=inserted))
     return merged, used
 
 
 def inserted_text(s: ScoredCall, markers: Markers) -> str:
-    """e(c, r) as it appears inline, e.g. " [Calculator(400/1400) -> 0.29]"; at the start of the text
-    (position 0, possible with a BOS tokenizer) without the marker's leading space: "[Calculator(...)] The"."""
+    """e(c, r) as it appears inline, e.g. " [Calculator(400/1400) -> 0.29]"; at the start of the
+    text (position 0, possible with a BOS tokenizer) without the marker's leading space:
+    "[Calculator(...)] The"."""
     text = render(s.cand.call, markers, result=s.cand.result)
     return text.lstrip() if s.cand.char_pos == 0 else text

@@ -1,18 +1,19 @@
 """Sampling API calls (paper, section 2, "Sampling API Calls").
 
 For a tool with few-shot prompt P and a document x = x_1..x_n:
-  1. one teacher-forced pass over [P(x), x] gives p_i = p(API-start | P(x), x_<i) at every position i of the
-     ORIGINAL document tokens;
+  1. one teacher-forced pass over [P(x), x] gives p_i = p(API-start | P(x), x_<i) at every position
+     i of the ORIGINAL document tokens;
   2. keep I = {i : p_i > tau_s}, the top k of them;
-  3. at each i in I sample up to m calls from [P(x), x_<i, API-start], stopping at the end marker; calls that
-     never close or do not parse are dropped, duplicates merged.
+  3. at each i in I sample up to m calls from [P(x), x_<i, API-start], stopping at the end marker;
+     calls that never close or do not parse are dropped, duplicates merged.
 
-P(x) is "<instructions and examples>Input: x\nOutput: ", and x is copied after it exactly as the examples
-write their outputs ("Output: " with its space, then x): the copy is tokenized as " x" in one piece, and p_i is
-read at the copy's token boundaries that coincide with x's own (the first word's token differs, " The" vs
-"The"; the boundaries after it coincide). The part before the document is the same for every document, so
-its KV cache is computed once per tool and reused; and the context of a call at position i is a prefix of
-step 1's sequence, so sampling starts from step 1's KV cache, sliced at i (nothing is re-encoded).
+P(x) is "<instructions and examples>Input: x\nOutput: ", and x is copied after it exactly as the
+examples write their outputs ("Output: " with its space, then x): the copy is tokenized as " x" in
+one piece, and p_i is read at the copy's token boundaries that coincide with x's own (the first
+word's token differs, " The" vs "The"; the boundaries after it coincide). The part before the
+document is the same for every document, so its KV cache is computed once per tool and reused; and
+the context of a call at position i is a prefix of step 1's sequence, so sampling starts from step
+1's KV cache, sliced at i (nothing is re-encoded).
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from toolformer_ray.api_text import ApiCall, Markers, call_closed, find_calls, parse_generated_call, render
+from toolformer_ray.api_text import (ApiCall, Markers, call_closed, find_calls,
+                                     parse_generated_call, render)
 from toolformer_ray.core.lm import (DocContext, PlainContext, RowKV, cache_layers, encode,
                                     hidden_states, logits_from_hidden, pad_batch, plain_hidden,
                                     plain_path, prefix_forward)
@@ -30,44 +32,51 @@ from toolformer_ray.core.lm import (DocContext, PlainContext, RowKV, cache_layer
 LOGIT_CHUNK = 1024  # rows of float32 logits materialised at once (x vocab size)
 
 
-# --------------------------------------------------------------------------------------------- documents
+# ---------------------------------------------------------------------------------------- documents
 @dataclass
 class TokenizedDoc:
     ids: list[int]  # the document's own tokens (encoded alone, no special tokens)
-    char_pos: list[int | None]  # where a call inserted before token i goes; None: inside a word or character
-    offsets: list[tuple[int, int]] = field(default_factory=list)  # each token's character span in the text
+    # where a call inserted before token i goes; None: inside a word or character
+    char_pos: list[int | None]
+    # each token's character span in the text
+    offsets: list[tuple[int, int]] = field(default_factory=list)
 
 
 def tokenize_doc(tokenizer, text: str) -> TokenizedDoc:
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    ids = enc["input_ids"]
+    offsets = enc["offset_mapping"]
     char_pos: list[int | None] = []
     for i in range(len(ids)):
         if i == 0:
             char_pos.append(0)
             continue
-        prev_end, start = offsets[i - 1][1], offsets[i][0]
+        prev_end = offsets[i - 1][1]
+        start = offsets[i][0]
         # A call goes right after the previous token, before any whitespace that belongs to token i
-        # (" Paris" -> "of [Call()] Paris"). Overlapping offsets mean a character split across tokens.
-        # Calls go between words only: tokenizers that split numbers into digits (SmolLM2 writes " 323" as
-        # " ","3","2","3") would otherwise put a call inside a number, or after a lone space token, where the
-        # call's own leading space would double it.
-        ok = prev_end <= start and text[prev_end:start].strip() == "" and not text[prev_end - 1:prev_end].isspace()
+        # (" Paris" -> "of [Call()] Paris"). Overlapping offsets mean a character split across
+        # tokens. Calls go between words only: tokenizers that split numbers into digits (SmolLM2
+        # writes " 323" as " ","3","2","3") would otherwise put a call inside a number, or after a
+        # lone space token, where the call's own leading space would double it.
+        ok = (prev_end <= start and text[prev_end:start].strip() == ""
+              and not text[prev_end - 1:prev_end].isspace())
         if ok and prev_end == start and start < len(text):
             ok = not (text[start - 1].isalnum() and text[start].isalnum())
         char_pos.append(prev_end if ok else None)
     return TokenizedDoc(ids=ids, char_pos=char_pos, offsets=[tuple(o) for o in offsets])
 
 
-# ----------------------------------------------------------------------------------------------- prompts
+# ------------------------------------------------------------------------------------------ prompts
 def split_prompt(prompt: str, markers: Markers) -> tuple[str, str]:
     """(text before the document, text between the document's input copy and its output copy).
 
-    Prompt files write example calls with the default markers; they are re-rendered with the configured ones.
+    Prompt files write example calls with the default markers; they are re-rendered with the
+    configured ones.
     """
     default = Markers()
     if markers != default:
-        out, pos = [], 0
+        out = []
+        pos = 0
         for fc in find_calls(prompt, default):
             out.append(prompt[pos:fc.start])
             out.append(render(fc.call, markers, fc.result, fc.has_result_marker))
@@ -81,7 +90,8 @@ def split_prompt(prompt: str, markers: Markers) -> tuple[str, str]:
 
 @dataclass
 class ToolPrompt:
-    """A tool's few-shot prompt, tokenized, with the KV cache of the part shared by all documents."""
+    """A tool's few-shot prompt, tokenized, with the KV cache of the part shared by all
+    documents."""
     tool: str
     prefix_ids: list[int]  # [BOS] + instructions and examples, up to "Input:"
     input_lead: str  # " ": the spaces the prompt writes before the input copy ("Input: ")
@@ -90,26 +100,33 @@ class ToolPrompt:
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer [kv_heads, P, head_dim]
 
     @classmethod
-    def build(cls, tool: str, prompt: str, tokenizer, markers: Markers, bos: list[int]) -> "ToolPrompt":
+    def build(cls, tool: str, prompt: str, tokenizer, markers: Markers,
+              bos: list[int]) -> "ToolPrompt":
         before, after = split_prompt(prompt, markers)
-        # Trailing spaces move to the next piece, so "Input: The" tokenizes as it does in running text
-        # (" The" is one token); they are kept, so the model reads exactly the examples' format.
-        head, tail = before.rstrip(" "), after.rstrip(" ")
-        return cls(tool=tool, prefix_ids=bos + encode(tokenizer, head), input_lead=before[len(head):],
+        # Trailing spaces move to the next piece, so "Input: The" tokenizes as it does in running
+        # text (" The" is one token); they are kept, so the model reads exactly the examples'
+        # format.
+        head = before.rstrip(" ")
+        tail = after.rstrip(" ")
+        return cls(tool=tool, prefix_ids=bos + encode(tokenizer, head),
+                   input_lead=before[len(head):],
                    suffix_text=tail, output_lead=after[len(tail):])
 
     def input_ids(self, tokenizer, text: str) -> list[int]:
         """The per-document tokens between the shared prefix and the document's output copy."""
         return encode(tokenizer, self.input_lead + text + self.suffix_text)
 
-    def output_copy(self, tokenizer, doc: "TokenizedDoc", text: str) -> tuple[list[int], list[int | None]]:
-        """The output copy's tokens (output_lead + x, encoded in one piece) and, for each position i of x's
-        own tokens, how many copy tokens precede it: the copy's boundary at the same character as x's
-        boundary before token i. None where the copy has no boundary there (its token spans it); such a
-        position is never sampled (p_i = 0)."""
+    def output_copy(self, tokenizer, doc: "TokenizedDoc",
+                    text: str) -> tuple[list[int], list[int | None]]:
+        """The output copy's tokens (output_lead + x, encoded in one piece) and, for each position i
+        of x's own tokens, how many copy tokens precede it: the copy's boundary at the same
+        character as x's boundary before token i. None where the copy has no boundary there (its
+        token spans it); such a position is never sampled (p_i = 0)."""
         lead = len(self.output_lead)
-        enc = tokenizer(self.output_lead + text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], [(a - lead, b - lead) for a, b in enc["offset_mapping"]]
+        enc = tokenizer(self.output_lead + text, add_special_tokens=False,
+                        return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        offsets = [(a - lead, b - lead) for a, b in enc["offset_mapping"]]
         at = {(offsets[j - 1][1], offsets[j][0]): j for j in range(1, len(ids))}
         return ids, [0 if i == 0 else at.get((doc.offsets[i - 1][1], doc.offsets[i][0]))
                      for i in range(len(doc.ids))]
@@ -121,41 +138,50 @@ class ToolPrompt:
             self.kv = [(k[0].clone(), v[0].clone()) for k, v in cache_layers(cache)]
 
 
-# -------------------------------------------------------------------------------------- step 1: p_i pass
+# --------------------------------------------------------------------------------- step 1: p_i pass
 @dataclass
 class StartPass:
     """Output of the teacher-forced pass for a batch of documents."""
     probs: list[list[float]]  # p_i (first marker token) for each document position
-    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer [B, kv_heads, L, head_dim]: the rows' own part
-    ctx_at: list[list[int | None]]  # row tokens before position i (input copy + output copy up to i)
+    # per layer [B, kv_heads, L, head_dim]: the rows' own part
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    # row tokens before position i (input copy + output copy up to i)
+    ctx_at: list[list[int | None]]
     prefix_len: int  # P: the shared prompt's length (row token t sits at absolute position P + t)
-    prefix_kv: list[tuple[torch.Tensor, torch.Tensor]]  # the shared prompt's KV, [kv_heads, P, head_dim]
+    # the shared prompt's KV, [kv_heads, P, head_dim]
+    prefix_kv: list[tuple[torch.Tensor, torch.Tensor]]
     tokens: list[list[int]] | None = None  # plain path only (kv is None): prompt + row tokens
 
 
 @torch.inference_mode()
 def start_pass(model, tokenizer, prompt: ToolPrompt, docs: list[TokenizedDoc], texts: list[str],
                start_id: int, pad_id: int, log: list | None = None) -> StartPass:
-    """One teacher-forced pass over [prompt, input copy, output copy] for a batch; `log` records the work
-    (for the benchmark's naive baseline)."""
+    """One teacher-forced pass over [prompt, input copy, output copy] for a batch; `log` records the
+    work (for the benchmark's naive baseline)."""
     P = len(prompt.prefix_ids)
     inputs = [prompt.input_ids(tokenizer, t) for t in texts]
     copies = [prompt.output_copy(tokenizer, d, t) for d, t in zip(docs, texts)]
     rows = [inp + ids for inp, (ids, _) in zip(inputs, copies)]
-    ctx_at = [[None if j is None else len(inp) + j for j in at] for inp, (_, at) in zip(inputs, copies)]
-    ids = pad_batch(rows, pad_id)  # right padding: causal attention keeps it out of real tokens' way
+    ctx_at = [[None if j is None else len(inp) + j for j in at]
+              for inp, (_, at) in zip(inputs, copies)]
+    # right padding: causal attention keeps it out of real tokens' way
+    ids = pad_batch(rows, pad_id)
     B, L = ids.shape
     if log is not None:
         log.append(("start", [len(r) for r in rows], P))
     if plain_path(model):  # a family the shared-prefix attention cannot serve (lm.prepare_model)
-        hidden, kv = plain_hidden(model, [prompt.prefix_ids + r for r in rows])[:, P:], None
+        hidden = plain_hidden(model, [prompt.prefix_ids + r for r in rows])[:, P:]
+        kv = None
     else:
         prompt.ensure_kv(model)
         cache = RowKV.empty(model, B, L)
         hidden = prefix_forward(model, ids, cache, prompt.kv, (P + torch.arange(L)).expand(B, L))
         kv = cache.layers()
-    # The hidden state at row index ctx - 1 predicts what follows the context: p_i = its prob of API-start.
-    row_idx, pos_idx, where = [], [], []
+    # The hidden state at row index ctx - 1 predicts what follows the context: p_i = its prob of
+    # API-start.
+    row_idx = []
+    pos_idx = []
+    where = []
     for b, at in enumerate(ctx_at):
         for i, ctx in enumerate(at):
             if ctx is not None:
@@ -164,7 +190,8 @@ def start_pass(model, tokenizer, prompt: ToolPrompt, docs: list[TokenizedDoc], t
                 where.append((b, i))
     flat = hidden[torch.tensor(row_idx, dtype=torch.long, device=hidden.device),
                   torch.tensor(pos_idx, dtype=torch.long, device=hidden.device)]
-    p_flat = torch.cat([torch.softmax(logits_from_hidden(model, flat[s:s + LOGIT_CHUNK]), -1)[:, start_id]
+    p_flat = torch.cat([torch.softmax(logits_from_hidden(model, flat[s:s + LOGIT_CHUNK]),
+                                      -1)[:, start_id]
                         for s in range(0, len(flat), LOGIT_CHUNK)]) if len(flat) else torch.zeros(0)
     probs = [[0.0] * len(d.ids) for d in docs]
     for (b, i), p in zip(where, p_flat.double().cpu().tolist()):
@@ -174,8 +201,9 @@ def start_pass(model, tokenizer, prompt: ToolPrompt, docs: list[TokenizedDoc], t
 
 
 def merge_passes(parts: list[tuple[StartPass, list[int]]]) -> StartPass:
-    """One StartPass holding the given documents (rows) of several passes of the same prompt, so their
-    sampled calls decode in one batch (positions above tau_s can be rare: a pass alone may have few)."""
+    """One StartPass holding the given documents (rows) of several passes of the same prompt, so
+    their sampled calls decode in one batch (positions above tau_s can be rare: a pass alone may
+    have few)."""
     if parts[0][0].kv is None:  # plain path: the rows' tokens instead of their KV
         return StartPass(probs=[sp.probs[b] for sp, docs in parts for b in docs], kv=None,
                          ctx_at=[sp.ctx_at[b] for sp, docs in parts for b in docs],
@@ -184,10 +212,12 @@ def merge_passes(parts: list[tuple[StartPass, list[int]]]) -> StartPass:
     width = max(sp.kv[0][0].shape[2] for sp, _ in parts)
     layers = []
     for layer in range(len(parts[0][0].kv)):
-        ks, vs = [], []
+        ks = []
+        vs = []
         for sp, docs in parts:
             idx = torch.tensor(docs, dtype=torch.long, device=sp.kv[layer][0].device)
-            k, v = sp.kv[layer][0].index_select(0, idx), sp.kv[layer][1].index_select(0, idx)
+            k = sp.kv[layer][0].index_select(0, idx)
+            v = sp.kv[layer][1].index_select(0, idx)
             pad = width - k.shape[2]
             ks.append(torch.nn.functional.pad(k, (0, 0, 0, pad)))
             vs.append(torch.nn.functional.pad(v, (0, 0, 0, pad)))
@@ -198,26 +228,30 @@ def merge_passes(parts: list[tuple[StartPass, list[int]]]) -> StartPass:
                      prefix_len=first.prefix_len, prefix_kv=first.prefix_kv)
 
 
-# ----------------------------------------------------------------------------------- step 2: positions
-def select_positions(probs: list[float], doc: TokenizedDoc, tau_s: float, k: int, min_pos: int) -> list[int]:
+# -------------------------------------------------------------------------------- step 2: positions
+def select_positions(probs: list[float], doc: TokenizedDoc, tau_s: float, k: int,
+                     min_pos: int) -> list[int]:
     """I = {i : p_i > tau_s}, top k by p_i (ties: earlier position first), over usable positions."""
-    usable = [i for i in range(min_pos, len(probs)) if doc.char_pos[i] is not None and probs[i] > tau_s]
+    usable = [i for i in range(min_pos, len(probs))
+              if doc.char_pos[i] is not None and probs[i] > tau_s]
     usable.sort(key=lambda i: (-probs[i], i))
     return sorted(usable[:k])
 
 
-# -------------------------------------------------------------------------------------- step 3: decoding
+# --------------------------------------------------------------------------------- step 3: decoding
 @dataclass
 class DecodeRow:
     doc: int  # row of the StartPass batch
-    ctx_len: int  # context after the shared prompt: input copy + output copy of x_<i (StartPass.ctx_at)
+    # context after the shared prompt: input copy + output copy of x_<i (StartPass.ctx_at)
+    ctx_len: int
     seed_key: str  # identifies the sample, for a per-row random stream independent of batching
 
 
 @dataclass
 class DecodeOut:
     text: str  # decoded continuation after the start marker
-    marker_logprob: float  # log p of the start marker's tokens after the first (0 for one-token markers)
+    # log p of the start marker's tokens after the first (0 for one-token markers)
+    marker_logprob: float
     n_tokens: int = 0
 
 
@@ -226,9 +260,11 @@ def row_rng(seed: int, key: str) -> np.random.Generator:
     return np.random.default_rng([seed, h])
 
 
-def _sample(logits: torch.Tensor, rngs: list[np.random.Generator], temperature: float, top_p: float) -> list[int]:
-    """One token per row: greedy when temperature is 0, else temperature + nucleus sampling by inverse CDF
-    with the row's own uniform draw (so a row's sample does not depend on the rest of the batch)."""
+def _sample(logits: torch.Tensor, rngs: list[np.random.Generator], temperature: float,
+            top_p: float) -> list[int]:
+    """One token per row: greedy when temperature is 0, else temperature + nucleus sampling by
+    inverse CDF with the row's own uniform draw (so a row's sample does not depend on the rest of
+    the batch)."""
     if temperature == 0:
         return logits.argmax(-1).tolist()
     probs = torch.softmax(logits / temperature, dim=-1).cpu()
@@ -236,7 +272,8 @@ def _sample(logits: torch.Tensor, rngs: list[np.random.Generator], temperature: 
     order = None
     if top_p < 1.0:
         probs, order = probs.sort(dim=-1, descending=True)
-        probs = probs * ((probs.cumsum(-1) - probs) < top_p)  # the smallest prefix with mass >= top_p
+        # the smallest prefix with mass >= top_p
+        probs = probs * ((probs.cumsum(-1) - probs) < top_p)
     cdf = probs.cumsum(-1)
     pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=probs.shape[-1] - 1)
     if order is not None:
@@ -245,12 +282,15 @@ def _sample(logits: torch.Tensor, rngs: list[np.random.Generator], temperature: 
 
 
 @torch.inference_mode()
-def decode_calls(model, tokenizer, sp: StartPass, rows: list[DecodeRow], marker_ids: list[int], markers: Markers,
-                 *, seed: int, temperature: float, top_p: float, max_tokens: int, eos_id: int | None,
+def decode_calls(model, tokenizer, sp: StartPass, rows: list[DecodeRow], marker_ids: list[int],
+                 markers: Markers,
+                 *, seed: int, temperature: float, top_p: float, max_tokens: int,
+                 eos_id: int | None,
                  sample: bool = True, log: list | None = None) -> list[DecodeOut]:
     """Feed the start marker after each row's context (its document's StartPass KV up to the row's
-    position), then sample until the call closes. Finished rows leave the batch at once. With sample=False
-    only the marker is fed (to get the probability of a multi-token marker's later tokens)."""
+    position), then sample until the call closes. Finished rows leave the batch at once. With
+    sample=False only the marker is fed (to get the probability of a multi-token marker's later
+    tokens)."""
     R = len(rows)
     M = len(marker_ids)
     if sp.kv is not None:
@@ -260,7 +300,8 @@ def decode_calls(model, tokenizer, sp: StartPass, rows: list[DecodeRow], marker_
     cache = RowKV.empty(model, R, M + max(max_tokens, 1))  # only the rows' new tokens
     ctx = torch.tensor([r.ctx_len for r in rows], dtype=torch.long)
     pos = sp.prefix_len + ctx[:, None] + torch.arange(M)[None, :]
-    hidden = prefix_forward(model, torch.tensor([marker_ids] * R, dtype=torch.long), cache, sp.prefix_kv, pos,
+    hidden = prefix_forward(model, torch.tensor([marker_ids] * R, dtype=torch.long), cache,
+                            sp.prefix_kv, pos,
                             context)
     marker_lp = torch.zeros(R, dtype=torch.float64)
     if M > 1:
@@ -285,7 +326,8 @@ def decode_calls(model, tokenizer, sp: StartPass, rows: list[DecodeRow], marker_
         for b, (a, tok) in enumerate(zip(active, tokens)):
             generated[a].append(tok)
             text = tokenizer.decode(generated[a])
-            outs[a].text, outs[a].n_tokens = text, len(generated[a])
+            outs[a].text = text
+            outs[a].n_tokens = len(generated[a])
             if tok == eos_id or call_closed(text, markers) or "\n" in text:
                 continue
             keep.append(b)
@@ -298,7 +340,8 @@ def decode_calls(model, tokenizer, sp: StartPass, rows: list[DecodeRow], marker_
             next_pos = next_pos[sel]
             active = [active[b] for b in keep]
             tokens = [tokens[b] for b in keep]
-        hidden = prefix_forward(model, torch.tensor(tokens, dtype=torch.long)[:, None], cache, sp.prefix_kv,
+        hidden = prefix_forward(model, torch.tensor(tokens, dtype=torch.long)[:, None], cache,
+                                sp.prefix_kv,
                                 next_pos[:, None], context)
         steps.append(len(active))
         last_hidden = hidden[:, -1]
@@ -307,7 +350,8 @@ def decode_calls(model, tokenizer, sp: StartPass, rows: list[DecodeRow], marker_
 
 
 def parse_sample(text: str, markers: Markers, tool: str, takes_input: bool) -> ApiCall | None:
-    """The call in a sampled continuation, or None if it never closed, does not parse or names another tool."""
+    """The call in a sampled continuation, or None if it never closed, does not parse or names
+    another tool."""
     call = parse_generated_call(text, markers, tool)
     if call is None:
         return None

@@ -1,12 +1,15 @@
 """The weighted loss of the paper (section 2):
 
-    L_i(z) = - sum_{j=i..n} w_{j-i} * log p(x_j | z, x_<j),   w~_t = max(0, 1 - 0.2 t),  w_t = w~_t / sum_s w~_s
+    L_i(z) = - sum_{j=i..n} w_{j-i} * log p(x_j | z, x_<j),
+    w~_t = max(0, 1 - 0.2 t),  w_t = w~_t / sum_s w~_s
 
-so only the 5 tokens from position i count, with weights 1/3, 4/15, 1/5, 2/15, 1/15 (no renormalisation
-where the text ends early). z is a prefix of the whole text (never inserted at i while filtering).
+so only the 5 tokens from position i count, with weights 1/3, 4/15, 1/5, 2/15, 1/15 (no
+renormalisation where the text ends early). z is a prefix of the whole text (never inserted at i
+while filtering).
 
-`token_nll` is the one batched primitive: for many token sequences, the negative log-likelihood of chosen
-target tokens. Sequences only need to run up to their last target, and the LM head runs only at targets.
+`token_nll` is the one batched primitive: for many token sequences, the negative log-likelihood of
+chosen target tokens. Sequences only need to run up to their last target, and the LM head runs only
+at targets.
 """
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ WEIGHTS = loss_weights()
 
 
 def weighted_loss(nll_at: dict[int, float], i: int, n: int) -> float:
-    """L_i from per-token NLLs of document tokens (`nll_at[j]` = -log p(x_j | z, x_<j)), n = document length."""
+    """L_i from per-token NLLs of document tokens (`nll_at[j]` = -log p(x_j | z, x_<j)), n =
+    document length."""
     return sum(WEIGHTS[t] * nll_at[i + t] for t in range(WINDOW) if i + t < n)
 
 
@@ -49,10 +53,10 @@ def token_nll(model, requests: list[NllRequest], pad_id: int, batch_tokens: int 
               log: list | None = None) -> list[dict[int, float]]:
     """For each request, {t: -log p(ids[t] | ids[:t])} for its targets.
 
-    Each sequence is cut after its last target (later tokens cannot influence earlier ones). Sequences are
-    packed several to a row (first fit, longest first) with a block-diagonal causal mask and positions
-    restarting at 0 for each, so almost no forward work goes to padding; a batch holds `batch_tokens`.
-    Returns float64 values computed from float32 log-softmax.
+    Each sequence is cut after its last target (later tokens cannot influence earlier ones).
+    Sequences are packed several to a row (first fit, longest first) with a block-diagonal causal
+    mask and positions restarting at 0 for each, so almost no forward work goes to padding; a batch
+    holds `batch_tokens`. Returns float64 values computed from float32 log-softmax.
     """
     results: list[dict[int, float]] = [dict() for _ in requests]
     order = sorted((r for r in range(len(requests)) if requests[r].targets),
@@ -83,25 +87,30 @@ def token_nll(model, requests: list[NllRequest], pad_id: int, batch_tokens: int 
 
 
 def packed_mask(model, allowed: torch.Tensor) -> torch.Tensor:
-    """[B, 1, W, W] additive mask in the model's dtype (0 where attending is allowed, the dtype's minimum
-    elsewhere). Eager and flex attention ADD a 4-D mask to the scores while SDPA reads a boolean one as
-    "attend", so only the additive form means the same to all three; flash attention takes no 4-D mask."""
+    """[B, 1, W, W] additive mask in the model's dtype (0 where attending is allowed, the dtype's
+    minimum elsewhere). Eager and flex attention ADD a 4-D mask to the scores while SDPA reads a
+    boolean one as "attend", so only the additive form means the same to all three; flash attention
+    takes no 4-D mask."""
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
     if "flash" in impl:
-        raise ValueError(f"packed scoring needs a 4-D attention mask, which {impl!r} does not take: "
-                         "load the model with eager or sdpa attention")
+        raise ValueError(f"packed scoring needs a 4-D attention mask, which {impl!r} does not "
+                         "take: load the model with eager or sdpa attention")
     dtype = model.dtype
     mask = torch.zeros(allowed.shape, dtype=dtype)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 @torch.inference_mode()
-def _nll_batch(model, requests, batch: list[list[int]], length: dict, width: int, pad_id: int, results) -> None:
+def _nll_batch(model, requests, batch: list[list[int]], length: dict, width: int, pad_id: int,
+               results) -> None:
     B = len(batch)
     ids = torch.full((B, width), pad_id, dtype=torch.long)
     pos = torch.zeros(B, width, dtype=torch.long)
     segment = torch.full((B, width), -1, dtype=torch.long)
-    row_idx, pos_idx, tgt, owner = [], [], [], []
+    row_idx = []
+    pos_idx = []
+    tgt = []
+    owner = []
     for b, row in enumerate(batch):
         offset = 0
         for seg, r in enumerate(row):
@@ -115,7 +124,8 @@ def _nll_batch(model, requests, batch: list[list[int]], length: dict, width: int
                 tgt.append(requests[r].ids[t])
                 owner.append((r, t))
             offset += n
-    # a token sees the earlier tokens of its own sequence only (padding sees itself, so no row is empty)
+    # a token sees the earlier tokens of its own sequence only (padding sees itself, so no row is
+    # empty)
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     same = segment[:, :, None] == segment[:, None, :]
     mask = packed_mask(model, causal[None] & same)

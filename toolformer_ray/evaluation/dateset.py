@@ -1,11 +1,12 @@
-"""Dateset (paper, section 4.2.5): generated questions whose answers depend on today's date, which the
-model can only know by calling the Calendar tool.
+"""Dateset (paper, section 4.2.5): generated questions whose answers depend on today's date, which
+the model can only know by calling the Calendar tool.
 
-For each example a "current date" is drawn, then a template and its numbers; the answer is computed from
-the dates. The templates follow the kinds the paper lists: how many days ago / until a date, what day of
-the week / day of the month / month / year it was or will be N days from today, what day of the week a given
-date falls on, and relative days (yesterday, tomorrow, ...). The question never contains the current date;
-it is given to the Calendar tool as "today" (Example.date). Deterministic for a seed.
+For each example a "current date" is drawn, then a template and its numbers; the answer is computed
+from the dates. The templates follow the kinds the paper lists: how many days ago / until a date,
+what day of the week / day of the month / month / year it was or will be N days from today, what day
+of the week a given date falls on, and relative days (yesterday, tomorrow, ...). The question never
+contains the current date; it is given to the Calendar tool as "today" (Example.date). Deterministic
+for a seed.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import datetime as dt
 import json
 import random
 
-from toolformer_ray.evaluation.readers import Example
+import fsspec
+
+from toolformer_ray.evaluation.examples import Example
 
 _UNITS = ("day of the week", "day of the month", "month", "year")
 _RELATIVE = {"the day before yesterday": -2, "yesterday": -1, "today": 0, "tomorrow": 1,
@@ -50,10 +53,12 @@ def _one(rng: random.Random, today: dt.date) -> tuple[str, list[str], str]:
         return f"How many days are there until {_fmt(future)}?", [str(n)], "days_until"
     if kind == 2:
         unit = rng.choice(_UNITS)
-        return f"What {unit} was it {n} days ago?", _unit_answers(today - dt.timedelta(days=n), unit), "unit_ago"
+        answers = _unit_answers(today - dt.timedelta(days=n), unit)
+        return f"What {unit} was it {n} days ago?", answers, "unit_ago"
     if kind == 3:
         unit = rng.choice(_UNITS)
-        return f"What {unit} will it be in {n} days?", _unit_answers(today + dt.timedelta(days=n), unit), "unit_in"
+        answers = _unit_answers(today + dt.timedelta(days=n), unit)
+        return f"What {unit} will it be in {n} days?", answers, "unit_in"
     if kind == 4:
         sign = rng.choice((-1, 1))
         d = today + dt.timedelta(days=sign * n)
@@ -64,13 +69,16 @@ def _one(rng: random.Random, today: dt.date) -> tuple[str, list[str], str]:
     rel, offset = rng.choice(list(_RELATIVE.items()))
     unit = rng.choice(_UNITS)
     verb = "was it" if offset < 0 else ("is it" if offset == 0 else "will it be")
-    return f"What {unit} {verb} {rel}?", _unit_answers(today + dt.timedelta(days=offset), unit), "relative_day"
+    answers = _unit_answers(today + dt.timedelta(days=offset), unit)
+    return f"What {unit} {verb} {rel}?", answers, "relative_day"
 
 
-def generate_dateset(n: int, seed: int = 0, start: str = "2015-01-01", end: str = "2025-12-31") -> list[Example]:
+def generate_dateset(n: int, seed: int = 0, start: str = "2015-01-01",
+                     end: str = "2025-12-31") -> list[Example]:
     """`n` Dateset questions with current dates drawn uniformly from [start, end]."""
     rng = random.Random(seed)
-    lo, hi = dt.date.fromisoformat(start), dt.date.fromisoformat(end)
+    lo = dt.date.fromisoformat(start)
+    hi = dt.date.fromisoformat(end)
     if hi < lo:
         raise ValueError("end date before start date")
     out = []
@@ -83,12 +91,12 @@ def generate_dateset(n: int, seed: int = 0, start: str = "2015-01-01", end: str 
 
 
 def write_dateset(path: str, n: int, seed: int = 0) -> int:
-    """Write a Dateset as jsonl (question, today, answer, template): readable by the temporal reader."""
-    import fsspec
-
+    """Write a Dateset as jsonl (question, today, answer, template): readable by the temporal
+    reader."""
     examples = generate_dateset(n, seed)
     with fsspec.open(path, "wt", encoding="utf-8") as f:
         for ex in examples:
-            f.write(json.dumps({"id": ex.id, "question": ex.question, "today": ex.date, "answer": ex.answers,
+            f.write(json.dumps({"id": ex.id, "question": ex.question, "today": ex.date,
+                                "answer": ex.answers,
                                 "template": ex.meta["template"]}) + "\n")
     return len(examples)

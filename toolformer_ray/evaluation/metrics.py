@@ -1,10 +1,10 @@
 """The paper's lenient zero-shot metrics (section 4.2).
 
 - Math: the first number in the output, or the first number after "=", equals the answer.
-- LAMA / QA / temporal: a gold answer appears (as whole words, after normalisation) within the first N
-  words of the output (LAMA: 5, QA: 20).
-Normalisation is SQuAD's (lower case, no punctuation, no articles, single spaces) plus Unicode folding
-(NFKD, accents dropped), so "Jozef Israëls" matches "jozef israels".
+- LAMA / QA / temporal: a gold answer appears (as whole words, after normalisation) within the first
+  N words of the output (LAMA: 5, QA: 20).
+Normalisation is SQuAD's (lower case, no punctuation, no articles, single spaces) plus Unicode
+folding (NFKD, accents dropped), so "Jozef Israëls" matches "jozef israels".
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import re
 import string
 import unicodedata
 
-# A number: optional minus (not when glued to a preceding word or digit: "3-4" is 3 and 4), digits with
-# optional thousands commas ("25,000"), optional decimals, optional "/denominator" ("1/2").
+# A number: optional minus (not when glued to a preceding word or digit: "3-4" is 3 and 4), digits
+# with optional thousands commas ("25,000"), optional decimals, optional "/denominator" ("1/2").
 _NUMBER = re.compile(
     r"(?<![\w.])(-)?"
     r"((?:\d{1,3}(?:,\d{3})+(?![\d,]))|\d+)?(\.\d+)?"
@@ -24,7 +24,8 @@ _VULGAR = re.compile(r"(\d*)\s?([\u00bc-\u00be\u2150-\u215e])")
 
 
 def _fold_unicode_numbers(text: str) -> str:
-    # "3½" -> "3.5", "½" -> "0.5" before NFKC (which would turn "3½" into "31⁄2"); "−" (U+2212) -> "-".
+    # "3½" -> "3.5", "½" -> "0.5" before NFKC (which would turn "3½" into "31⁄2"); "−" (U+2212) ->
+    # "-".
     def vulgar(m: re.Match) -> str:
         whole = int(m.group(1)) if m.group(1) else 0
         return repr(round(whole + unicodedata.numeric(m.group(2)), 6))
@@ -35,7 +36,8 @@ def _fold_unicode_numbers(text: str) -> str:
 
 
 def extract_numbers(text: str) -> list[float]:
-    """All numbers in `text`, left to right: "1,000" -> 1000, "-3" -> -3, "1/2" -> 0.5, "$5." -> 5."""
+    """All numbers in `text`, left to right: "1,000" -> 1000, "-3" -> -3, "1/2" -> 0.5, "$5." ->
+    5."""
     text = _fold_unicode_numbers(text)
     out = []
     for m in _NUMBER.finditer(text):
@@ -58,7 +60,8 @@ def first_number(text: str) -> float | None:
 
 
 def number_candidates(output: str) -> list[float]:
-    """The numbers the math metric looks at: the first in the output and the first after the first "="."""
+    """The numbers the math metric looks at: the first in the output and the first after the first
+    "="."""
     cands = []
     first = first_number(output)
     if first is not None:
@@ -71,7 +74,8 @@ def number_candidates(output: str) -> list[float]:
 
 
 def numbers_equal(pred: float, gold: float) -> bool:
-    # Equal up to float noise, or equal when both are rounded to two decimals ("33.33" for 33.333...).
+    # Equal up to float noise, or equal when both are rounded to two decimals ("33.33" for
+    # 33.333...).
     return math.isclose(pred, gold, rel_tol=1e-6, abs_tol=1e-9) or round(pred, 2) == round(gold, 2)
 
 
@@ -80,11 +84,13 @@ def math_correct(output: str, answer: float) -> bool:
 
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = set(string.punctuation) | {"\u2018", "\u2019", "\u201c", "\u201d", "\u2013", "\u2014", "\u00bf", "\u00a1"}
+_PUNCT = set(string.punctuation) | {"\u2018", "\u2019", "\u201c", "\u201d", "\u2013", "\u2014",
+                                    "\u00bf", "\u00a1"}
 
 
 def normalize_answer(text: str) -> str:
-    """SQuAD-style normalisation with Unicode folding: lower case, accents, punctuation and articles removed."""
+    """SQuAD-style normalisation with Unicode folding: lower case, accents, punctuation and articles
+    removed."""
     text = unicodedata.normalize("NFKD", text)
     text = "".join(ch for ch in text if not unicodedata.combining(ch))
     text = text.lower()
@@ -105,7 +111,8 @@ def answer_in_first_words(output: str, answers: list[str], n_words: int) -> bool
 
 
 def parse_answer_number(value) -> float | None:
-    """A gold math answer as a number: 504.0, "98", "1,000", "9 (apples)", "-3", "1/2"; None if it is not one number."""
+    """A gold math answer as a number: 504.0, "98", "1,000", "9 (apples)", "-3", "1/2"; None if it
+    is not one number."""
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):

@@ -1,18 +1,22 @@
-"""Readers for the standard formats of the evaluation sets. Each returns `TaskData`: the examples plus the
-count of records that could not be used, by reason (never a crash on one odd record).
+"""Readers for the standard formats of the evaluation sets. Each returns `TaskData`: the examples
+plus the count of records that could not be used, by reason (never a crash on one odd record).
 
-math      MAWPS single-equation JSON (`sQuestion` / `lSolutions`), MWPToolkit JSON (`original_text` / `ans`:
-          MAWPS, ASDiv-A, SVAMP as packaged there), GSM8K jsonl (`question` / `answer` ending "#### N"),
-          SVAMP JSON (`Body` / `Question` / `Answer`), ASDiv XML (<Problem><Body/><Question/><Answer/>) and
-          its JSON variants (Body/Question/Answer in any case).
+math      MAWPS single-equation JSON (`sQuestion` / `lSolutions`), MWPToolkit JSON (`original_text`
+          / `ans`: MAWPS, ASDiv-A, SVAMP as packaged there), GSM8K jsonl (`question` / `answer`
+          ending "#### N"), SVAMP JSON (`Body` / `Question` / `Answer`), ASDiv XML
+          (<Problem><Body/><Question/><Answer/>) and its JSON variants (Body/Question/Answer in any
+          case).
 lama      LAMA jsonl (SQuAD, Google-RE, T-REx): `masked_sentences` (or `masked_sentence`, or T-REx
-          `evidences[].masked_sentence`) and `obj_label`. Only statements whose [MASK] is the last word
-          (punctuation may follow) are kept, as in the paper, and the prompt is the text before the mask.
-qa        WebQuestions JSON (`qText`/`answers`, or the original `utterance`/`targetValue`), the DPR TSV
-          format (`question<TAB>['answer', ...]`: NQ, TriviaQA) and jsonl (`question` + `answers`/`answer`).
-temporal  SituatedQA-style jsonl (`question` or `edited_question`, `answer`, optional `date`), TempLAMA
-          jsonl (`query` "... _X_.", `answer` [{name}], `date`; kept when _X_ is last, the statement is the
-          prompt) and the generated Dateset (see dateset.py; also readable back from its jsonl).
+          `evidences[].masked_sentence`) and `obj_label`. Only statements whose [MASK] is the last
+          word (punctuation may follow) are kept, as in the paper, and the prompt is the text before
+          the mask.
+qa        WebQuestions JSON (`qText`/`answers`, or the original `utterance`/`targetValue`), the DPR
+          TSV format (`question<TAB>['answer', ...]`: NQ, TriviaQA) and jsonl (`question` +
+          `answers`/`answer`).
+temporal  SituatedQA-style jsonl (`question` or `edited_question`, `answer`, optional `date`),
+          TempLAMA jsonl (`query` "... _X_.", `answer` [{name}], `date`; kept when _X_ is last, the
+          statement is the prompt) and the generated Dateset (see dateset.py; also readable back
+          from its jsonl).
 Paths may be local or any fsspec URI (s3://...).
 """
 from __future__ import annotations
@@ -24,46 +28,10 @@ import json
 import re
 import xml.etree.ElementTree as ET
 from collections import Counter
-from dataclasses import dataclass, field
 
-from toolformer_ray.errors import UserError
+from toolformer_ray.evaluation.dateset import generate_dateset
+from toolformer_ray.evaluation.examples import DataError, Example, TaskData, read_text
 from toolformer_ray.evaluation.metrics import parse_answer_number
-
-
-class DataError(UserError, ValueError):
-    """An evaluation file that is missing or in no known format: reported as one line."""
-
-
-@dataclass
-class Example:
-    id: str
-    question: str  # what fills {question} in the task's prompt
-    answers: list[str]  # gold answers as text
-    number: float | None = None  # math: the gold number
-    date: str | None = None  # ISO date the Calendar tool reports as today (Dateset), else None
-    meta: dict = field(default_factory=dict)
-
-
-@dataclass
-class TaskData:
-    examples: list[Example]
-    format: str
-    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
-
-
-# -- files ---------------------------------------------------------------------------------------------
-def read_text(path: str) -> str:
-    import fsspec
-
-    try:
-        with fsspec.open(path, "rt", encoding="utf-8") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise DataError(f"evaluation data not found: {path}") from None
-    except IsADirectoryError:
-        raise DataError(f"evaluation data must be a file, not a directory: {path}") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text") from None
 
 
 def _json_records(text: str, path: str) -> list:
@@ -87,7 +55,8 @@ def _json_records(text: str, path: str) -> list:
                     data = json.loads(text)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}: neither JSON nor JSON lines: {e}") from None
-                lists = [v for v in data.values() if isinstance(v, list)] if isinstance(data, dict) else []
+                lists = ([v for v in data.values() if isinstance(v, list)]
+                         if isinstance(data, dict) else [])
                 if len(lists) == 1:
                     return lists[0]
                 raise DataError(f"{path}: a JSON object without one list of records") from None
@@ -104,9 +73,11 @@ def _get(rec: dict, *keys: str):
     return None
 
 
-# -- math -----------------------------------------------------------------------------------------------
+# -- math
+# -----------------------------------------------------------------------------------------------
 def _join_body_question(body: str, question: str) -> str:
-    body, question = body.strip(), question.strip()
+    body = body.strip()
+    question = question.strip()
     if body and body[-1] not in ".?!,;:":
         body += "."  # SVAMP bodies often lack the final full stop
     return f"{body} {question}".strip()
@@ -118,9 +89,11 @@ def _math_from_record(rec: dict) -> tuple[str | None, object, str]:
         return rec["sQuestion"], rec.get("lSolutions"), "mawps"
     if "original_text" in rec:
         return rec["original_text"], rec.get("ans"), "mwptoolkit"
-    body, question = _get(rec, "Body"), _get(rec, "Question")
+    body = _get(rec, "Body")
+    question = _get(rec, "Question")
     if body is not None and question is not None:
-        return _join_body_question(str(body), str(question)), _get(rec, "Answer", "ans"), "svamp/asdiv"
+        question = _join_body_question(str(body), str(question))
+        return question, _get(rec, "Answer", "ans"), "svamp/asdiv"
     if question is not None:
         answer = _get(rec, "answer", "ans", "solution")
         if isinstance(answer, str) and "####" in answer:  # GSM8K: the final answer follows "####"
@@ -133,7 +106,9 @@ def read_math(path: str) -> TaskData:
     text = read_text(path)
     if text.lstrip().startswith("<"):
         return _read_asdiv_xml(text, path)
-    examples, skipped, formats = [], Counter(), Counter()
+    examples = []
+    skipped = Counter()
+    formats = Counter()
     for i, rec in enumerate(_json_records(text, path)):
         if not isinstance(rec, dict):
             skipped["not a JSON object"] += 1
@@ -148,10 +123,11 @@ def read_math(path: str) -> TaskData:
             skipped["answer is not a single number"] += 1
             continue
         ex_id = str(_get(rec, "id", "iIndex", "ID") or i)
-        examples.append(Example(ex_id, " ".join(str(question).split()), [_fmt_number(number)], number))
+        examples.append(Example(ex_id, " ".join(str(question).split()), [_fmt_number(number)],
+                                number))
     if not examples and formats.get("unknown", 0) == sum(formats.values()):
-        raise DataError(f"{path}: no math records found (expected sQuestion/lSolutions, original_text/ans, "
-                        "question/answer, or Body/Question/Answer)")
+        raise DataError(f"{path}: no math records found (expected sQuestion/lSolutions, "
+                        "original_text/ans, question/answer, or Body/Question/Answer)")
     return TaskData(examples, formats.most_common(1)[0][0] if formats else "empty", dict(skipped))
 
 
@@ -160,7 +136,8 @@ def _read_asdiv_xml(text: str, path: str) -> TaskData:
         root = ET.fromstring(text)
     except ET.ParseError as e:
         raise DataError(f"{path}: not valid XML: {e}") from None
-    examples, skipped = [], Counter()
+    examples = []
+    skipped = Counter()
     for i, prob in enumerate(root.iter("Problem")):
         body, question, answer = (prob.findtext(t) for t in ("Body", "Question", "Answer"))
         if question is None or answer is None:
@@ -171,7 +148,8 @@ def _read_asdiv_xml(text: str, path: str) -> TaskData:
             skipped["answer is not a single number"] += 1
             continue
         q = _join_body_question(body or "", question)
-        examples.append(Example(prob.get("ID", str(i)), " ".join(q.split()), [_fmt_number(number)], number,
+        examples.append(Example(prob.get("ID", str(i)), " ".join(q.split()), [_fmt_number(number)],
+                                number,
                                 meta={"solution_type": prob.findtext("Solution-Type")}))
     if not examples and not skipped:
         raise DataError(f"{path}: no <Problem> elements (expected ASDiv XML)")
@@ -182,13 +160,15 @@ def _fmt_number(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(x)
 
 
-# -- LAMA -----------------------------------------------------------------------------------------------
+# -- LAMA
+# -----------------------------------------------------------------------------------------------
 _MASK = "[MASK]"
 _TRAILING = re.compile(r"^[\s.!?,;:'\")]*$")
 
 
 def lama_prompt(sentence: str) -> str | None:
-    """The statement up to its [MASK] if the mask is the last word (punctuation may follow), else None."""
+    """The statement up to its [MASK] if the mask is the last word (punctuation may follow), else
+    None."""
     if sentence.count(_MASK) != 1:
         return None
     before, after = sentence.split(_MASK)
@@ -198,7 +178,8 @@ def lama_prompt(sentence: str) -> str | None:
 
 
 def read_lama(path: str) -> TaskData:
-    examples, skipped = [], Counter()
+    examples = []
+    skipped = Counter()
     for i, rec in enumerate(_json_records(read_text(path), path)):
         if not isinstance(rec, dict) or "obj_label" not in rec:
             skipped["no obj_label"] += 1
@@ -227,7 +208,8 @@ def read_lama(path: str) -> TaskData:
     return TaskData(examples, "lama-jsonl", dict(skipped))
 
 
-# -- QA -------------------------------------------------------------------------------------------------
+# -- QA
+# -------------------------------------------------------------------------------------------------
 _TARGET_VALUE = re.compile(r'\(description\s+(?:"((?:[^"\\]|\\.)*)"|([^)\s]+))\)')
 
 
@@ -273,7 +255,9 @@ def read_qa(path: str) -> TaskData:
 
 
 def _qa_from_records(records: list, path: str) -> TaskData:
-    examples, skipped, fmt = [], Counter(), "qa-json"
+    examples = []
+    skipped = Counter()
+    fmt = "qa-json"
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
             skipped["not a JSON object"] += 1
@@ -290,13 +274,15 @@ def _qa_from_records(records: list, path: str) -> TaskData:
     if not examples and not skipped:
         raise DataError(f"{path}: no QA records (expected question + answers)")
     if not examples and skipped.get("no question or no answers") == sum(skipped.values()):
-        raise DataError(f"{path}: no QA records (expected qText/question/utterance and answers/answer)")
+        raise DataError(f"{path}: no QA records (expected qText/question/utterance and "
+                        "answers/answer)")
     return TaskData(examples, fmt, dict(skipped))
 
 
 def _read_dpr_tsv(text: str, path: str) -> TaskData:
     # DPR's TSV: question<TAB>python-list of answers; fields may be CSV-quoted ("" for a quote).
-    examples, skipped = [], Counter()
+    examples = []
+    skipped = Counter()
     reader = csv.reader(io.StringIO(text), delimiter="\t", quotechar='"')
     for i, row in enumerate(reader):
         if not row or not any(c.strip() for c in row):
@@ -316,25 +302,26 @@ def _read_dpr_tsv(text: str, path: str) -> TaskData:
     return TaskData(examples, "dpr-tsv", dict(skipped))
 
 
-# -- temporal -------------------------------------------------------------------------------------------
+# -- temporal
+# -------------------------------------------------------------------------------------------
 _ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
 def read_temporal(path: str, dateset_size: int = 500) -> TaskData:
     """SituatedQA-style jsonl / a written Dateset, or "dateset[:N[:seed]]" to generate one."""
     if path.split(":", 1)[0] == "dateset":
-        from toolformer_ray.evaluation.dateset import generate_dateset
-
         parts = path.split(":")
         try:
             n = int(parts[1]) if len(parts) > 1 and parts[1] else dateset_size
             seed = int(parts[2]) if len(parts) > 2 else 0
         except ValueError:
-            raise DataError(f"bad Dateset spec {path!r}: use dateset, dateset:N or dateset:N:seed") from None
+            raise DataError(f"bad Dateset spec {path!r}: use dateset, dateset:N or "
+                            "dateset:N:seed") from None
         if n <= 0:
             raise DataError(f"bad Dateset spec {path!r}: N must be positive")
         return TaskData(generate_dateset(n, seed), "dateset")
-    examples, skipped = [], Counter()
+    examples = []
+    skipped = Counter()
     for i, rec in enumerate(_json_records(read_text(path), path)):
         if not isinstance(rec, dict):
             skipped["not a JSON object"] += 1
@@ -356,7 +343,8 @@ def read_temporal(path: str, dateset_size: int = 500) -> TaskData:
         examples.append(Example(str(rec.get("id", i)), " ".join(str(question).split()),
                                 list(dict.fromkeys(answers)), date=today, meta=meta))
     if not examples and not skipped:
-        raise DataError(f"{path}: no temporal records (expected question/edited_question and answer)")
+        raise DataError(f"{path}: no temporal records (expected question/edited_question and "
+                        "answer)")
     return TaskData(examples, "situatedqa-jsonl", dict(skipped))
 
 

@@ -8,12 +8,17 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import fsspec
+
 from toolformer_ray.api_text import Markers
 from toolformer_ray.errors import UserError
-from toolformer_ray.evaluation.readers import DataError, TaskData, read_task
+from toolformer_ray.evaluation.examples import DataError, TaskData
+from toolformer_ray.evaluation.perplexity import perplexity, read_texts
+from toolformer_ray.evaluation.readers import read_task
 from toolformer_ray.evaluation.report import EvalReport, EvalRow, model_label
 from toolformer_ray.evaluation.tasks import TASKS, allowed_tools, is_correct, prompt_for
 from toolformer_ray.inference import MODES, ToolDecoder, load_tools, set_torch_threads
+from toolformer_ray.models import load_model, pick_device
 
 
 def _progress(msg: str) -> None:
@@ -26,13 +31,16 @@ def _data_label(task: str, path: str) -> str:
     return Path(path.rstrip("/")).stem or path
 
 
-def run_eval(cfg, tasks: dict[str, str] | list[tuple[str, str]] | None = None, models: list[str] | None = None,
-             modes: list[str] | None = None, progress: Callable[[str], None] | None = _progress) -> EvalReport:
-    """Evaluate every model in every mode on every (task, data path); write the report to cfg.eval.output.
+def run_eval(cfg, tasks: dict[str, str] | list[tuple[str, str]] | None = None,
+             models: list[str] | None = None,
+             modes: list[str] | None = None,
+             progress: Callable[[str], None] | None = _progress) -> EvalReport:
+    """Evaluate every model in every mode on every (task, data path); write the report to
+    cfg.eval.output.
 
-    tasks: {task: path} or [(task, path), ...] (default: cfg.eval.tasks with paths from cfg.eval.data);
-    models: model paths ("default", "tiny", a directory, s3://...; default: cfg.model.path);
-    modes: decoding modes (default: cfg.eval.modes).
+    tasks: {task: path} or [(task, path), ...] (default: cfg.eval.tasks with paths from
+    cfg.eval.data); models: model paths ("default", "tiny", a directory, s3://...; default:
+    cfg.model.path); modes: decoding modes (default: cfg.eval.modes).
     """
     say = progress or (lambda _msg: None)
     pairs = _task_pairs(cfg, tasks)
@@ -46,8 +54,6 @@ def run_eval(cfg, tasks: dict[str, str] | list[tuple[str, str]] | None = None, m
     datasets: list[tuple[str, str, TaskData | list[str]]] = []
     for task, path in pairs:
         if task == "perplexity":
-            from toolformer_ray.evaluation.perplexity import read_texts
-
             texts = read_texts(path)
             datasets.append((task, path, texts[: cfg.eval.limit] if cfg.eval.limit else texts))
             continue
@@ -59,7 +65,8 @@ def run_eval(cfg, tasks: dict[str, str] | list[tuple[str, str]] | None = None, m
         datasets.append((task, path, data))
 
     set_torch_threads(cfg.inference.torch_threads)
-    needs_tools = any(m != "disabled" for m in modes) and any(t != "perplexity" for t, _, _ in datasets)
+    needs_tools = any(m != "disabled" for m in modes) and any(t != "perplexity"
+                                                              for t, _, _ in datasets)
     tools, unavailable = load_tools(cfg, strict=False) if needs_tools else ({}, {})
     for name, why in unavailable.items():
         say(f"warning: tool {name} unavailable ({why}); the model cannot call it")
@@ -74,8 +81,6 @@ def run_eval(cfg, tasks: dict[str, str] | list[tuple[str, str]] | None = None, m
     rows: list[EvalRow] = []
     taken: set[str] = set()
     for model_path in models:
-        from toolformer_ray.models import load_model, pick_device
-
         label = model_label(model_path, taken)
         lm = load_model(model_path, cfg.model.dtype, cfg.model.cache_dir, cfg.model.tiny_seed,
                         device=pick_device(cfg.inference.device))
@@ -93,11 +98,15 @@ def run_eval(cfg, tasks: dict[str, str] | list[tuple[str, str]] | None = None, m
                         say(f"skipping {task}/{mode} for {label}: no tool may be called")
                         continue
                     row, records = _evaluate(task, data, mode, allowed, decoder, cfg, today)
-                    row.data, row.model, row.model_path = data_label, label, lm.path
+                    row.data = data_label
+                    row.model = label
+                    row.model_path = lm.path
                     rows.append(row)
-                    _write_predictions(f"{output}/predictions/{label}__{task}-{data_label}__{mode}.jsonl", records)
-                    say(f"{label} {task}/{data_label} {mode}: accuracy {100 * (row.accuracy or 0):.1f}%, "
-                        f"with call {100 * (row.call_rate or 0):.1f}%, n={row.n}, {row.seconds:.1f}s")
+                    pred_file = f"{label}__{task}-{data_label}__{mode}.jsonl"
+                    _write_predictions(f"{output}/predictions/{pred_file}", records)
+                    say(f"{label} {task}/{data_label} {mode}: accuracy "
+                        f"{100 * (row.accuracy or 0):.1f}%, with call "
+                        f"{100 * (row.call_rate or 0):.1f}%, n={row.n}, {row.seconds:.1f}s")
         finally:
             decoder.close()
             del lm, decoder
@@ -105,8 +114,10 @@ def run_eval(cfg, tasks: dict[str, str] | list[tuple[str, str]] | None = None, m
     report = EvalReport(rows, meta={
         "models": models, "modes": modes, "tasks": [[t, p] for t, p, _ in datasets],
         "tools_available": sorted(tools), "tools_unavailable": unavailable,
-        "inference": infer_cfg.model_dump(), "eval": cfg.eval.model_dump(), "markers": cfg.markers.model_dump(),
-        "dtype": cfg.model.dtype, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "inference": infer_cfg.model_dump(), "eval": cfg.eval.model_dump(),
+                                    "markers": cfg.markers.model_dump(),
+        "dtype": cfg.model.dtype,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     })
     report.write(output)
     return report
@@ -118,7 +129,8 @@ def _task_pairs(cfg, tasks) -> list[tuple[str, str]]:
     else:
         missing = [t for t in cfg.eval.tasks if t not in cfg.eval.data]
         if missing:
-            raise UserError(f"no data path for task(s) {', '.join(missing)}: give --data or set eval.data.<task>")
+            raise UserError(f"no data path for task(s) {', '.join(missing)}: give --data or set "
+                            "eval.data.<task>")
         pairs = [(t, cfg.eval.data[t]) for t in cfg.eval.tasks]
     for task, _ in pairs:
         if task not in TASKS:
@@ -132,7 +144,8 @@ def _evaluate(task: str, data: TaskData, mode: str, allowed: list[str], decoder:
     prompts = [prompt_for(task, ex, cfg.eval) for ex in examples]
     dates = [ex.date or today for ex in examples]
     t0 = time.perf_counter()
-    transcripts = decoder.generate(prompts, mode=mode, allowed_tools=allowed, dates=dates, seed=cfg.run.seed)
+    transcripts = decoder.generate(prompts, mode=mode, allowed_tools=allowed, dates=dates,
+                                   seed=cfg.run.seed)
     seconds = time.perf_counter() - t0
     row = EvalRow(task=task, data="", model="", mode=mode, n=len(examples), seconds=seconds,
                   skipped=dict(data.skipped))
@@ -143,17 +156,18 @@ def _evaluate(task: str, data: TaskData, mode: str, allowed: list[str], decoder:
         row.with_call += tr.called
         records.append({"id": ex.id, "prompt": tr.prompt, "output": tr.text, "final": tr.final_text,
                         "answers": ex.answers, "correct": ok, "date": ex.date,
-                        "calls": [{"tool": c.tool, "input": c.input, "result": c.result, "status": c.status}
+                        "calls": [{"tool": c.tool, "input": c.input, "result": c.result,
+                                   "status": c.status}
                                   for c in tr.calls]})
     return row, records
 
 
-def _perplexity_row(cfg, lm, decoder: ToolDecoder, texts: list[str], data_label: str, label: str, say) -> EvalRow:
-    from toolformer_ray.evaluation.perplexity import perplexity
-
+def _perplexity_row(cfg, lm, decoder: ToolDecoder, texts: list[str], data_label: str, label: str,
+                    say) -> EvalRow:
     t0 = time.perf_counter()
     ppl = perplexity(lm.model, lm.tokenizer, texts, max_length=cfg.eval.perplexity_max_length,
-                     batch_size=max(1, cfg.inference.batch_size // 4), mask_token_ids=decoder.start_ids[:1])
+                     batch_size=max(1, cfg.inference.batch_size // 4),
+                     mask_token_ids=decoder.start_ids[:1])
     row = EvalRow(task="perplexity", data=data_label, model=label, mode="disabled", n=len(texts),
                   seconds=time.perf_counter() - t0, perplexity=ppl, model_path=lm.path)
     say(f"{label} perplexity/{data_label}: {ppl:.2f} over {len(texts)} texts, {row.seconds:.1f}s")
@@ -161,8 +175,6 @@ def _perplexity_row(cfg, lm, decoder: ToolDecoder, texts: list[str], data_label:
 
 
 def _write_predictions(path: str, records: list[dict]) -> None:
-    import fsspec
-
     fs, root = fsspec.core.url_to_fs(path)
     fs.makedirs(root.rsplit("/", 1)[0], exist_ok=True)
     with fsspec.open(path, "wt", encoding="utf-8") as f:

@@ -1,14 +1,15 @@
 """Per-task protocol: prompt, scorer and disallowed tools (paper, section 4.2)."""
 from __future__ import annotations
 
+from toolformer_ray.evaluation.examples import Example
 from toolformer_ray.evaluation.metrics import answer_in_first_words, math_correct
-from toolformer_ray.evaluation.readers import Example
 
 ACCURACY_TASKS = ("math", "lama", "qa", "temporal")
 TASKS = (*ACCURACY_TASKS, "perplexity")
 _DEFAULT_WORDS = {"lama": 5, "qa": 20, "temporal": 20}
 _DEFAULT_PROMPTS = {"math": "Question: {question}\nAnswer:", "lama": "{question}",
-                    "qa": "Question: {question}\nAnswer:", "temporal": "Question: {question}\nAnswer:"}
+                    "qa": "Question: {question}\nAnswer:",
+                    "temporal": "Question: {question}\nAnswer:"}
 _DEFAULT_DISALLOWED = {"lama": ["WikiSearch"], "qa": ["QA"]}
 
 
@@ -24,7 +25,8 @@ def n_words(task: str, eval_cfg) -> int:
 
 
 def is_correct(task: str, output: str, example: Example, eval_cfg) -> bool:
-    """The lenient criterion: math compares numbers, the others look for the answer in the first N words."""
+    """The lenient criterion: math compares numbers, the others look for the answer in the first N
+    words."""
     if task == "math":
         return example.number is not None and math_correct(output, example.number)
     return answer_in_first_words(output, example.answers, n_words(task, eval_cfg))
