@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--output", default="benchmarks/results")
     args = ap.parse_args()
 
-    from toolformer_ray.corpus import split_text
+    from toolformer_ray.datajob.corpus import split_text
     from toolformer_ray.models import load_tokenizer, resolve_model_dir
 
     tok = load_tokenizer(resolve_model_dir(args.model))

@@ -14,7 +14,7 @@ from jobs import parse_config, run_main
 
 def main(argv: list[str] | None = None) -> None:
     def body() -> int:
-        from toolformer_ray.generate import run_generate
+        from toolformer_ray.datajob.run import run_generate
 
         cfg = parse_config(argv, __doc__)
         summary = run_generate(cfg, use_ray=True)

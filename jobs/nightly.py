@@ -171,7 +171,7 @@ def _evaluate_where_it_fits(cfg: Config, models: list[str]) -> dict:
     import ray
 
     if ray.is_initialized():
-        from toolformer_ray.generate import _storage_env
+        from toolformer_ray.datajob.stages import storage_env
 
         gpus = cfg.nightly.eval_gpus
         if gpus > 0 and cfg.inference.device == "auto":  # a GPU asked for is used, or it fails
@@ -179,7 +179,7 @@ def _evaluate_where_it_fits(cfg: Config, models: list[str]) -> dict:
             cfg.inference.device = "cuda"
         task = ray.remote(num_cpus=cfg.nightly.eval_cpus, num_gpus=gpus,
                           max_retries=1)(_evaluate_remote)
-        return ray.get(task.remote(_storage_env(), cfg, models))
+        return ray.get(task.remote(storage_env(), cfg, models))
     return evaluate_round(cfg, models)
 
 
@@ -206,7 +206,7 @@ def run_nightly(cfg: Config, *, generate: Callable | None = None, finetune: Call
     run_eval (on a worker when on a cluster); tests pass stand-ins."""
     check_config(cfg)
     if generate is None:
-        from toolformer_ray.generate import run_generate
+        from toolformer_ray.datajob.run import run_generate
 
         generate = lambda c: run_generate(c, use_ray=True)  # noqa: E731
     if finetune is None:

@@ -23,7 +23,8 @@ from typing import Any
 
 import fsspec
 
-from toolformer_ray.storage import is_local, put_bytes
+from toolformer_ray.fsutil import is_local
+from toolformer_ray.storage import put_bytes
 
 
 class NightlyState:

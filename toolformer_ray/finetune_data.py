@@ -80,7 +80,8 @@ def read_documents(uri: str, storage_options: dict | None = None) -> pa.Table:
     fs, _ = fsspec.core.url_to_fs(uri, **(storage_options or {}))
     columns = list(REQUIRED_COLUMNS)
     if kind == "committed":
-        from toolformer_ray.storage import OutputStore, is_local
+        from toolformer_ray.fsutil import is_local
+        from toolformer_ray.storage import OutputStore
 
         parent, name = paths[0].rsplit("/", 1)
         store = OutputStore(parent if is_local(fs) else fs.unstrip_protocol(parent), name, storage_options)

@@ -32,12 +32,12 @@ import fsspec
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from toolformer_ray.errors import UserError
-from toolformer_ray.schema import (CALLS_SCHEMA, CANDIDATES_SCHEMA, DOCUMENTS_SCHEMA, FUNNEL_KEYS,
-                                   QUARANTINE_SCHEMA, SCHEMA_VERSION)
+from toolformer_ray.datajob.records import (CALLS_SCHEMA, CANDIDATES_SCHEMA, DOCUMENTS_SCHEMA,
+                                            FUNNEL_KEYS, QUARANTINE_SCHEMA, SCHEMA_VERSION)
+from toolformer_ray.fsutil import is_local
 
 TABLE_SCHEMAS: dict[str, pa.Schema] = {
     "calls": CALLS_SCHEMA,
@@ -57,10 +57,6 @@ class StorageError(UserError, OSError):
 def unit_id(shard_id: str, max_docs: int | None = None) -> str:
     """The name a shard's outputs are committed under: the shard id, or "<shard id>-first<N>" if partial."""
     return shard_id if max_docs is None else f"{shard_id}-first{max_docs}"
-
-
-def is_local(fs) -> bool:
-    return isinstance(fs, LocalFileSystem)
 
 
 def put_bytes(fs, path: str, data: bytes) -> None:
