@@ -1,5 +1,5 @@
-"""Committing one shard: its kept calls merged into its documents, its four tables and its commit record
-published (storage.OutputStore.write_shard: tables first, the commit record last)."""
+"""Committing one shard: its kept calls merged into its documents, its four tables and its commit
+record published (storage.OutputStore.write_shard: tables first, the commit record last)."""
 from __future__ import annotations
 
 import time
@@ -51,7 +51,8 @@ def commit_shard(cfg: Config, w: ShardWork, store, model: dict, config_hash: str
         "documents": pa.Table.from_pylist(doc_rows, DOCUMENTS_SCHEMA),
         "quarantine": pa.Table.from_pylist(w.quarantine, QUARANTINE_SCHEMA),
     }
-    # (the write cannot be timed inside the record it writes: the driver sums it into the run's info)
+    # (the write cannot be timed inside the record it writes: the driver sums it into the run's
+    # info)
     record = {**w.plan.shard.to_dict(), "code_version": common["code_version"],
               "funnel": funnel, "documents": len(w.docs), "p_api_hist": w.p_api_hist,
               "timings": {k: round(v, 3) for k, v in w.timings.items()}}

@@ -1,13 +1,14 @@
 """Which calls are kept: the one place that decides it, and counts the funnel of that decision.
 
-    1. tau_f             a call passes iff L- - L+ >= tau_f of its tool (core.filtering.ScoredCall.passes)
+    1. tau_f             a call passes iff L- - L+ >= tau_f of its tool
+                         (core.filtering.ScoredCall.passes)
     2. one per position  where passing calls compete for a position the most useful one wins
                          (core.merge.choose_per_position)
     3. per-tool cap      each tool keeps at most `quota[tool]` more calls, filled in document order
-                         (core.merge.merge_documents applies 1-3 and inserts the kept calls in the text)
+                         (core.merge.merge_documents applies 1-3 and inserts the kept calls)
 
-Shards are kept in input order (the scheduler commits them so), so the cap fills the same way whatever
-order the workers finish in.
+Shards are kept in input order (the scheduler commits them so), so the cap fills the same way
+whatever order the workers finish in.
 """
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ candidates  one row per scored call, kept or not (same columns + `kept`), for th
 documents   one row per document: original text, augmented text with the kept calls inline
 quarantine  one row per corpus record that could not be used, with the reason and the raw bytes
 
-The records themselves (Document, Candidate, ScoredCall, MergedDoc) are the method's and stay in core/.
+The records themselves (Document, Candidate, ScoredCall, MergedDoc) are the method's and stay in
+core/.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-if TYPE_CHECKING:  # core imports torch (~4 s); storage, report and jobs read these schemas without it
+# core imports torch (~4 s); storage, report and jobs read these schemas without it
+if TYPE_CHECKING:
     from toolformer_ray.core.filtering import ScoredCall
     from toolformer_ray.core.merge import MergedDoc
 
@@ -76,7 +78,8 @@ FUNNEL_KEYS = [
 ]
 
 
-def call_row(s: ScoredCall, shard_id: str, source_id: str, inserted_text: str, common: dict) -> dict:
+def call_row(s: ScoredCall, shard_id: str, source_id: str, inserted_text: str,
+             common: dict) -> dict:
     """A scored call as a CALLS_SCHEMA row. `inserted_text`: e(c, r) as inserted (core.merge);
     `common`: the run's columns (model ... code_version)."""
     c = s.cand

@@ -66,7 +66,8 @@ class GenerateSummary:
         kept = ", ".join(f"{t}: {n}" for t, n in self.calls_kept.items()) or "none"
         lines = [
             f"generate: {self.shards_done} shard(s) processed, {self.shards_skipped} already done, "
-            f"{len(self.shards_failed)} failed, of {self.shards_total}; {self.documents} documents, "
+            f"{len(self.shards_failed)} failed, of {self.shards_total}; "
+            f"{self.documents} documents, "
             f"{self.quarantined} records quarantined, in {self.seconds:.0f} s",
             f"kept calls this run: {kept}",
             f"output:   {self.output}  (config hash {self.config_hash})",
@@ -81,8 +82,9 @@ class GenerateSummary:
 
 
 class Progress:
-    """Documents read and done, calls and kept counts, with rate and ETA: a live bar on a terminal, log
-    lines otherwise. Documents are counted when their shard is read, and done when their batch is."""
+    """Documents read and done, calls and kept counts, with rate and ETA: a live bar on a terminal,
+    log lines otherwise. Documents are counted when their shard is read, and done when their
+    batch is."""
 
     def __init__(self, total_shards: int, enabled: bool = True):
         self.start = time.time()
@@ -260,7 +262,8 @@ def _hash_with_env(env: dict[str, str], uris: list[str]) -> list[str]:
 
 
 def _ray_hash_files(cfg: Config, uris: list[str]) -> list[str]:
-    """Hash new input files in parallel Ray tasks (each reads its files from the store), in order."""
+    """Hash new input files in parallel Ray tasks (each reads its files from the store), in
+    order."""
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     per_task = max(1, -(-len(uris) // (4 * cpus)))
     task = ray.remote(num_cpus=cfg.ray.reader_cpus, max_retries=2)(_hash_with_env)
@@ -302,7 +305,8 @@ def _lm_actor_count(cfg: Config) -> int:
 
 
 def _check_local_resources(cfg: Config, tools_cfg: dict) -> None:
-    """On a local Ray nothing will ever add CPUs: asking for more than there are would wait forever."""
+    """On a local Ray nothing will ever add CPUs: asking for more than there are would wait
+    forever."""
     have = ray.cluster_resources().get("CPU", 0)
     need = (cfg.ray.lm_actors * cfg.ray.lm_actor_cpus + cfg.ray.reader_cpus
             + sum(tc.workers * tc.worker_cpus for tc in tools_cfg.values()))
@@ -336,7 +340,8 @@ def _manifest_and_report(plan: Plan, run_info: dict) -> tuple[str | None, list[s
                                           "shards": plan.shards, "limit": cfg.corpus.limit},
                                   planned=[p.to_dict() for p in plan.plans], run=run_info)
         manifest["config_hash_covers"] = cfg.hashed_dict()
-        # every code version whose rows the version holds: more than one is said, never silently mixed
+        # every code version whose rows the version holds: more than one is said, never silently
+        # mixed
         manifest["code_version"] = code_version()
         records = store.readable_units().values()
         manifest["code_versions"] = sorted({str(r.get("code_version")) for r in records})

@@ -2,9 +2,10 @@
 
     read_ahead    read shards only while the LM side has little queued (bounded memory)
     feed_lm       keep the LM stages busy: score started batches first, then sample new ones
-    collect       take what finished: a read shard becomes batches, a sampled batch goes to the tools,
-                  a scored batch is done
-    finish_tools  a batch whose tool calls are all back goes to scoring (or is done: nothing to score)
+    collect       take what finished: a read shard becomes batches, a sampled batch goes to the
+                  tools, a scored batch is done
+    finish_tools  a batch whose tool calls are all back goes to scoring (or is done: nothing to
+                  score)
     commit_ready  commit finished shards in input order (the per-tool cap fills deterministically)
 
 LM stages get at most `ray.max_batches_per_actor` batches at a time each (back-pressure); tools run
@@ -33,7 +34,8 @@ class Batch:
     shard: int  # index in the run's shard list
     docs: list[Document]
     candidates: list[Candidate] = field(default_factory=list)  # the sample stage's output
-    results: list[str | None] = field(default_factory=list)  # the execute stage's, one per candidate
+    # the execute stage's output, one per candidate
+    results: list[str | None] = field(default_factory=list)
     tools: ToolCalls | None = None  # its calls while they are in flight
 
 

@@ -5,14 +5,14 @@
     execute  docs, candidates                -> Executed(results, one per candidate)  (ToolStage)
     score    docs, candidates, results       -> Scored(scored calls)                  (LMStage)
 
-Stages RETURN their outputs; nothing is written into a record on the driver: the score stage pairs each
-candidate with its result itself, in the process that scores it. The LM stage is a callable class in
-Ray Data's idiom (the model is loaded once in __init__, batches go through its methods); sample and
-score are two methods of one class because they share one model per actor. The same class runs in this
-process (LocalBackend, `--no-ray`) or as a pool of Ray actors (RayBackend); the scheduler sees one
-interface: submit / wait / get. Ray Core actors rather than Ray Data: tool results flow back to the stage
-that asked for them, and a shard is published only when all its batches are through, an explicit
-per-shard commit rather than a dataset write.
+Stages RETURN their outputs; nothing is written into a record on the driver: the score stage pairs
+each candidate with its result itself, in the process that scores it. The LM stage is a callable
+class in Ray Data's idiom (the model is loaded once in __init__, batches go through its methods);
+sample and score are two methods of one class because they share one model per actor. The same class
+runs in this process (LocalBackend, `--no-ray`) or as a pool of Ray actors (RayBackend); the
+scheduler sees one interface: submit / wait / get. Ray Core actors rather than Ray Data: tool
+results flow back to the stage that asked for them, and a shard is published only when all its
+batches are through, an explicit per-shard commit rather than a dataset write.
 """
 from __future__ import annotations
 
@@ -82,9 +82,9 @@ def read_docs(shard, corpus_cfg, tokenizer, max_docs) -> Read:
 
 def storage_env() -> dict[str, str]:
     """Object-store settings of the driver (AWS_* for S3). They go to actors and tasks as call
-    arguments, in memory: never in a runtime_env, which Ray's runtime-env agent writes to its log and
-    the dashboard shows. Where nodes have their own identity (instance profile, IRSA) this is empty
-    or harmless."""
+    arguments, in memory: never in a runtime_env, which Ray's runtime-env agent writes to its log
+    and the dashboard shows. Where nodes have their own identity (instance profile, IRSA) this is
+    empty or harmless."""
     return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
 
 
@@ -99,8 +99,8 @@ class LMStage:
 
     `model` is a directory in this process (--no-ray) or, on Ray, the driver's model spec ({source,
     cache_dir, tiny_seed, revision}), resolved and content-checked into this node's own cache.
-    `storage_env` (the driver's AWS_* settings) arrives in memory, as an argument: a runtime_env would
-    be logged."""
+    `storage_env` (the driver's AWS_* settings) arrives in memory, as an argument: a runtime_env
+    would be logged."""
 
     def __init__(self, cfg_json: dict, model: str | dict, torch_threads: int | None = None,
                  storage_env: dict[str, str] | None = None):
@@ -131,7 +131,8 @@ class LMStage:
     def score(self, docs: list[Document], candidates: list[Candidate],
               results: list[str | None]) -> Scored:
         t = time.perf_counter()
-        executed = [dataclasses.replace(c, result=r) for c, r in zip(candidates, results, strict=True)]
+        executed = [dataclasses.replace(c, result=r)
+                    for c, r in zip(candidates, results, strict=True)]
         scored = self.annotator.score(docs, executed)
         return Scored(scored, time.perf_counter() - t)
 
@@ -149,8 +150,8 @@ def lm_device(gpus: float) -> str:
         return "cpu"
     if not torch.cuda.is_available():
         ids = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
-        raise ModelError(f"LM actor asked for ray.lm_actor_gpus={gpus:g} and Ray gave it GPU {ids}, "
-                         f"but CUDA is not available on node {node_name()} (torch "
+        raise ModelError(f"LM actor asked for ray.lm_actor_gpus={gpus:g} and Ray gave it GPU "
+                         f"{ids}, but CUDA is not available on node {node_name()} (torch "
                          f"{torch.__version__}, CUDA build {torch.version.cuda}): install a CUDA "
                          "torch there, or set ray.lm_actor_gpus=0")
     return "cuda"
@@ -190,8 +191,9 @@ class ToolCalls:
 
 
 class ToolStage:
-    """The execute stage: the calls of a batch go to the tool executor (tools/pool.py), which runs them
-    with its dedup, cache, batching, deadlines and retries; their results come back in order."""
+    """The execute stage: the calls of a batch go to the tool executor (tools/pool.py), which runs
+    them with its dedup, cache, batching, deadlines and retries; their results come back in
+    order."""
 
     def __init__(self, executor, cfg: Config):
         self.executor = executor
@@ -208,8 +210,9 @@ class ToolStage:
 
 
 def _tools_wait_s(pending: dict, cfg: Config, start_s: float = 600.0) -> float:
-    """The longest a batch's tool calls may take: each call its timeout on every allowed attempt, plus a
-    worker restart (the pools' start timeout). Generous on purpose: it only catches a pool that hangs."""
+    """The longest a batch's tool calls may take: each call its timeout on every allowed attempt,
+    plus a worker restart (the pools' start timeout). Generous on purpose: it only catches a pool
+    that hangs."""
     total = start_s
     for tool, (_, idx) in pending.items():
         tc = cfg.tools[tool]
@@ -217,10 +220,10 @@ def _tools_wait_s(pending: dict, cfg: Config, start_s: float = 600.0) -> float:
     return total
 
 
-# ---------------------------------------------------------------------------- where the LM stage runs
+# -------------------------------------------------------------------------- where the LM stage runs
 class _Done:
-    """A finished in-process call, shaped like a Ray future for the scheduler: `get` gives its value or
-    raises its error there, so one shard's read or model error fails that shard, as on Ray."""
+    """A finished in-process call, shaped like a Ray future for the scheduler: `get` gives its value
+    or raises its error there, so one shard's read or model error fails that shard, as on Ray."""
 
     def __init__(self, fn, *args):
         self.value = None
@@ -269,8 +272,8 @@ class RayBackend:
     """A pool of LMStage actors; work goes to the actor with the fewest tasks in flight.
 
     Each actor resolves the model on its own node (`model_spec`); start-up and every task have
-    deadlines (ray.lm_actor_start_timeout_s, ray.lm_task_timeout_s), so a missing GPU or a hung actor
-    ends in a message, never a wait without end."""
+    deadlines (ray.lm_actor_start_timeout_s, ray.lm_task_timeout_s), so a missing GPU or a hung
+    actor ends in a message, never a wait without end."""
 
     def __init__(self, cfg: Config, model_spec: dict):
         rc = cfg.ray
@@ -326,9 +329,9 @@ class RayBackend:
         return ref
 
     def wait(self, handles: list, timeout: float) -> list:
-        """Every finished handle, blocking up to `timeout` for the first one. A task past its deadline
-        counts as finished: `get` then raises, so its shard fails with a message instead of waiting
-        forever."""
+        """Every finished handle, blocking up to `timeout` for the first one. A task past its
+        deadline counts as finished: `get` then raises, so its shard fails with a message instead
+        of waiting forever."""
         if not handles:
             return []
         late = self._expire(handles)

@@ -1,11 +1,12 @@
 """Corpus records as they are stored: bytes -> records, or quarantine reasons.
 
-Records that cannot be used go to the quarantine table with the reason and their raw bytes (bad JSON, not
-an object, invalid UTF-8, over-long, any unforeseen error on that record); nothing is dropped silently
-and nothing is fatal. Input is streamed and bounded: a record over `max_record_bytes` keeps only a prefix
-plus its length and sha256, a compressed file is read up to `max_decompressed_bytes`, and a truncated
-archive keeps the records before the cut. Text files give one record per paragraph (lines up to a blank
-line), source id "<file>:<first line>": a book-sized file would otherwise be one over-long record.
+Records that cannot be used go to the quarantine table with the reason and their raw bytes (bad
+JSON, not an object, invalid UTF-8, over-long, any unforeseen error on that record); nothing is
+dropped silently and nothing is fatal. Input is streamed and bounded: a record over
+`max_record_bytes` keeps only a prefix plus its length and sha256, a compressed file is read up to
+`max_decompressed_bytes`, and a truncated archive keeps the records before the cut. Text files give
+one record per paragraph (lines up to a blank line), source id "<file>:<first line>": a book-sized
+file would otherwise be one over-long record.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from toolformer_ray.datajob.corpus.listing import CorpusError, Shard
 @dataclass
 class _Record:
     locator: str  # "<file>:<line>" or "<file>:<row>"
-    raw: bytes  # the record's bytes for the quarantine table (whole, or a prefix beyond the raw bound)
+    # the record's bytes for the quarantine table (whole, or a prefix beyond the raw bound)
+    raw: bytes
     fields: dict | None  # parsed record, or None when `error` says why not
     error: str | None = None
 
@@ -38,8 +40,9 @@ _BOM = b"\xef\xbb\xbf"
 
 
 class _Raw:
-    """A record's bytes as they stream in: whole up to `limit`, beyond it only the first RAW_PREFIX_BYTES,
-    the length and the sha256, so a hostile multi-GB line costs neither memory nor a huge quarantine row."""
+    """A record's bytes as they stream in: whole up to `limit`, beyond it only the first
+    RAW_PREFIX_BYTES, the length and the sha256, so a hostile multi-GB line costs neither memory nor
+    a huge quarantine row."""
 
     def __init__(self, limit: int):
         self.limit = limit
@@ -66,7 +69,8 @@ class _Raw:
         return self.sha is not None
 
     def note(self) -> str:
-        return f"{self.length} bytes, sha256 {self.sha.hexdigest()}; only the first {len(self.buf)} kept"
+        return (f"{self.length} bytes, sha256 {self.sha.hexdigest()}; "
+                f"only the first {len(self.buf)} kept")
 
 
 def _json_default(value: Any) -> Any:
@@ -78,19 +82,21 @@ def _json_default(value: Any) -> Any:
 
 
 def _read_bytes(shard: Shard, storage_options: dict | None) -> bytes:
-    """The file's bytes as stored (still compressed), checked against the hash the shard was listed with."""
+    """The file's bytes as stored (still compressed), checked against the hash the shard was listed
+    with."""
     fs, path = fsspec.core.url_to_fs(shard.uri, **(storage_options or {}))
     with fs.open(path, "rb") as f:
         data = f.read()
     if hashlib.sha256(data).hexdigest() != shard.content_hash:
-        raise CorpusError(f"{shard.uri} changed since it was listed (its bytes no longer hash to shard "
-                          f"{shard.shard_id}); list the input again")
+        raise CorpusError(f"{shard.uri} changed since it was listed (its bytes no longer hash to "
+                          f"shard {shard.shard_id}); list the input again")
     return data
 
 
 class _Decoded:
-    """The file's decompressed bytes in chunks, at most `max_bytes` of them (a decompression bomb stops
-    there). A truncated or corrupt archive ends early: `error` then says why and `total` how far it got."""
+    """The file's decompressed bytes in chunks, at most `max_bytes` of them (a decompression bomb
+    stops there). A truncated or corrupt archive ends early: `error` then says why and `total`
+    how far it got."""
 
     def __init__(self, data: bytes, uri: str, max_bytes: int):
         self.data, self.uri, self.max_bytes = data, uri, max_bytes
@@ -118,8 +124,8 @@ class _Decoded:
                     self.total += len(chunk)
                     yield chunk
         except Exception as e:  # noqa: BLE001 - any decoder's error: the archive is cut or corrupt here
-            self.error = (f"truncated or corrupt compressed file after {self.total} decompressed bytes: "
-                          f"{type(e).__name__}: {e}")
+            self.error = (f"truncated or corrupt compressed file after {self.total} decompressed "
+                          f"bytes: {type(e).__name__}: {e}")
 
 
 def _lines(chunks, max_raw: int) -> Iterator[tuple[int, _Raw, bool]]:
@@ -141,8 +147,10 @@ def _lines(chunks, max_raw: int) -> Iterator[tuple[int, _Raw, bool]]:
         yield line_no, cur, False
 
 
-def _unreadable(shard: Shard, data: bytes, max_raw: int, what: str, err: Exception | str) -> _Record:
-    # A file that cannot be decoded at all is one quarantine row (its bytes, or a prefix), not a crash.
+def _unreadable(shard: Shard, data: bytes, max_raw: int, what: str,
+                err: Exception | str) -> _Record:
+    # A file that cannot be decoded at all is one quarantine row (its bytes, or a prefix), not a
+    # crash.
     raw = _Raw(max_raw)
     raw.add(data)
     reason = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
@@ -151,7 +159,8 @@ def _unreadable(shard: Shard, data: bytes, max_raw: int, what: str, err: Excepti
 
 
 def _cut_off(shard: Shard, decoded: _Decoded, line_no: int, partial: _Raw | None) -> _Record:
-    """The quarantine row for where a truncated/bombed archive stopped: the cut record's bytes, if any."""
+    """The quarantine row for where a truncated/bombed archive stopped: the cut record's bytes, if
+    any."""
     raw = b"" if partial is None else bytes(partial.buf)
     return _Record(f"{shard.name}:{line_no}", raw, None, decoded.error)
 
@@ -183,7 +192,8 @@ def _jsonl_records(decoded: _Decoded, shard: Shard, max_raw: int) -> Iterator[_R
             yield _Record(locator, line, None, f"bad JSON: {type(e).__name__}: {_first_line(e)}")
             continue
         if not isinstance(obj, dict):
-            yield _Record(locator, line, None, f"record is a JSON {type(obj).__name__}, expected an object")
+            kind = type(obj).__name__
+            yield _Record(locator, line, None, f"record is a JSON {kind}, expected an object")
             continue
         yield _Record(locator, line, obj)
     if decoded.error:
@@ -248,13 +258,15 @@ def _parquet_records(shard: Shard, storage_options: dict | None, max_raw: int) -
             yield _unreadable(shard, data, max_raw, "Parquet file", e)
             return
     else:
-        # Row-group shards read only their byte ranges; the footer's row count guards against a changed file.
+        # Row-group shards read only their byte ranges; the footer's row count guards against a
+        # changed file.
         fs, path = fsspec.core.url_to_fs(shard.uri, **(storage_options or {}))
         with fs.open(path, "rb") as f:
             if fs.size(path) != shard.size:
                 raise CorpusError(f"{shard.uri} changed since it was listed; list the input again")
             table = pq.ParquetFile(f).read_row_group(shard.row_group)
-    # Strings are read as bytes and decoded here, so one row of invalid UTF-8 is quarantined, not fatal.
+    # Strings are read as bytes and decoded here, so one row of invalid UTF-8 is quarantined, not
+    # fatal.
     string_cols = [name for name, typ in zip(table.column_names, table.schema.types)
                    if pa.types.is_string(typ) or pa.types.is_large_string(typ)]
     for name in string_cols:
@@ -274,7 +286,8 @@ def _parquet_records(shard: Shard, storage_options: dict | None, max_raw: int) -
                 except UnicodeDecodeError as e:
                     error = error or f"invalid UTF-8 in field {name!r} at byte {e.start}"
             try:
-                raw = json.dumps(row, default=_json_default, ensure_ascii=False).encode("utf-8", "surrogatepass")
+                text = json.dumps(row, default=_json_default, ensure_ascii=False)
+                raw = text.encode("utf-8", "surrogatepass")
             except (ValueError, RecursionError) as e:  # a value nested too deep to write out
                 raw, error = b"", error or f"unwritable row: {type(e).__name__}: {_first_line(e)}"
             yield _Record(locator, raw, None if error else row, error)
@@ -292,7 +305,8 @@ def _records(shard: Shard, corpus_cfg, storage_options: dict | None) -> Iterator
     records = (_jsonl_records if shard.fmt == "jsonl" else _text_records)(decoded, shard, max_raw)
     first = next(records, None)
     if first is not None and decoded.error and decoded.total == 0:
-        # Nothing decoded at all (not an archive, or cut in its header): the file is one quarantine row.
+        # Nothing decoded at all (not an archive, or cut in its header): the file is one quarantine
+        # row.
         yield _unreadable(shard, raw, max_raw, "compressed file", decoded.error)
         return
     if first is not None:
@@ -301,8 +315,9 @@ def _records(shard: Shard, corpus_cfg, storage_options: dict | None) -> Iterator
 
 
 def max_record_bytes(corpus_cfg) -> int:
-    """Raw-size guard: a record's text is at most max_record_chars characters, i.e. <= 4 bytes each, plus
-    room for the other fields; anything bigger is not parsed at all (corpus.max_record_bytes overrides)."""
+    """Raw-size guard: a record's text is at most max_record_chars characters, i.e. <= 4 bytes each,
+    plus room for the other fields; anything bigger is not parsed at all (corpus.max_record_bytes
+    overrides)."""
     if corpus_cfg.max_record_bytes is not None:
         return corpus_cfg.max_record_bytes
     return 4 * corpus_cfg.max_record_chars + 65536

@@ -1,8 +1,8 @@
 """Listing the corpus input: a file, directory or s3:// prefix -> shards, known by content.
 
-A shard is a whole file, or one row group of a large Parquet file. Its `shard_id` is a hash of the file's
-bytes (plus the row-group index), so a nightly run recognises the shards it has done by content, not by
-name or file time; a file rewritten with the same bytes is the same shard.
+A shard is a whole file, or one row group of a large Parquet file. Its `shard_id` is a hash of the
+file's bytes (plus the row-group index), so a nightly run recognises the shards it has done by
+content, not by name or file time; a file rewritten with the same bytes is the same shard.
 
 Formats (by extension, or all files as `corpus.format`; .gz/.bz2/.xz/.zst compression is inferred):
   jsonl    .jsonl .ndjson .json   one JSON object per line; blank lines are skipped
@@ -60,7 +60,8 @@ class Shard:
 
 @dataclass(frozen=True)
 class ShardPlan:
-    """A shard to process, whole (`max_docs` None) or only its first `max_docs` documents (under a limit).
+    """A shard to process, whole (`max_docs` None) or only its first `max_docs` documents (under a
+    limit).
 
     A partial shard must not be committed as complete: storage commits it under `unit_id`."""
     shard: Shard
@@ -79,7 +80,6 @@ class ShardPlan:
         return {**self.shard.to_dict(), "max_docs": self.max_docs, "unit": self.unit_id}
 
 
-# ----------------------------------------------------------------------------------------------- listing
 
 def _detect_format(path: str, fmt: str) -> str | None:
     name = path.rsplit("/", 1)[-1].lower()
@@ -93,7 +93,8 @@ def _detect_format(path: str, fmt: str) -> str | None:
 
 
 def _hidden(rel: str) -> bool:
-    # _SUCCESS, _committed/, .part files, .DS_Store: not data, by the usual convention (Spark, pyarrow).
+    # _SUCCESS, _committed/, .part files, .DS_Store: not data, by the usual convention (Spark,
+    # pyarrow).
     return any(part.startswith((".", "_")) for part in rel.split("/"))
 
 
@@ -119,10 +120,11 @@ def list_shards(uri: str, fmt: str = "auto", storage_options: dict | None = None
 
     Hidden files and files whose names start with "_" are skipped; in a directory, files of unknown
     extension are skipped with a warning (a single named file must have a known format). Files with
-    identical bytes are one shard (the first path wins). `hash_cache` (fingerprint -> sha256, updated in
-    place) lets a nightly run avoid re-reading files it has hashed before; without it every file is read.
-    `hasher(uris) -> digests` hashes the files not in the cache, all in one call, so a cluster can
-    read them in parallel tasks (generate does) instead of one by one here; default: `hash_files`.
+    identical bytes are one shard (the first path wins). `hash_cache` (fingerprint -> sha256,
+    updated in place) lets a nightly run avoid re-reading files it has hashed before; without it
+    every file is read. `hasher(uris) -> digests` hashes the files not in the cache, all in one
+    call, so a cluster can read them in parallel tasks (generate does) instead of one by one here;
+    default: `hash_files`.
     """
     if fmt not in ("auto", "jsonl", "parquet", "text"):
         raise CorpusError(f"unknown corpus format {fmt!r} (auto, jsonl, parquet or text)")
@@ -144,19 +146,23 @@ def list_shards(uri: str, fmt: str = "auto", storage_options: dict | None = None
                 continue
             file_fmt = _detect_format(path, fmt)
             if file_fmt is None:
-                log.warning("corpus: skipping %s (unknown extension; set corpus.format to read it)", path)
+                log.warning("corpus: skipping %s (unknown extension; set corpus.format to read it)",
+                            path)
                 continue
             entries.append((path, rel, file_fmt, infos[path]))
-        if hidden:  # said once, so a data file that happens to start with "_" or "." is not a mystery
-            log.warning("corpus: skipping %d file(s) whose path has a part starting with '.' or '_' "
-                        "(not data by convention): %s", len(hidden),
+        # said once, so a data file that happens to start with "_" or "." is not a mystery
+        if hidden:
+            log.warning("corpus: skipping %d file(s) whose path has a part starting with '.' or "
+                        "'_' (not data by convention): %s", len(hidden),
                         ", ".join(hidden[:5]) + (", ..." if len(hidden) > 5 else ""))
         if not entries:
-            raise CorpusError(f"no corpus files (.jsonl, .parquet, .txt, optionally compressed) under {uri}")
+            raise CorpusError(f"no corpus files (.jsonl, .parquet, .txt, optionally compressed) "
+                              f"under {uri}")
     else:
         file_fmt = _detect_format(root, fmt)
         if file_fmt is None:
-            raise CorpusError(f"cannot tell the format of {uri} from its extension; set corpus.format")
+            raise CorpusError(f"cannot tell the format of {uri} from its extension; "
+                              "set corpus.format")
         entries = [(root, root.rsplit("/", 1)[-1], file_fmt, fs.info(root))]
 
     cached: dict[str, str] = {}
@@ -188,7 +194,8 @@ def list_shards(uri: str, fmt: str = "auto", storage_options: dict | None = None
         base_id = digest[:SHARD_ID_CHARS]
         size = int(info.get("size") or 0)
         if file_fmt == "parquet" and infer_compression(path) is not None:
-            raise CorpusError(f"{file_uri}: Parquet files are compressed inside; an outer {path.rsplit('.', 1)[-1]} "
+            outer = path.rsplit('.', 1)[-1]
+            raise CorpusError(f"{file_uri}: Parquet files are compressed inside; an outer {outer} "
                               "is not supported")
         if file_fmt == "parquet" and size > parquet_split_bytes:
             try:
@@ -199,7 +206,8 @@ def list_shards(uri: str, fmt: str = "auto", storage_options: dict | None = None
             if meta is not None and meta.num_row_groups > 1:
                 offset = 0
                 for i in range(meta.num_row_groups):
-                    shards.append(Shard(f"{base_id}-rg{i}", file_uri, file_fmt, rel, size, digest, i, offset))
+                    shards.append(Shard(f"{base_id}-rg{i}", file_uri, file_fmt, rel, size, digest,
+                                        i, offset))
                     offset += meta.row_group(i).num_rows
                 continue
         shards.append(Shard(base_id, file_uri, file_fmt, rel, size, digest))

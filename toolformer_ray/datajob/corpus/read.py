@@ -1,4 +1,5 @@
-"""Shard -> documents (+ quarantine rows): record fields checked, dated, split, de-duplicated by text."""
+"""Shard -> documents (+ quarantine rows): record fields checked, dated, split, de-duplicated by
+text."""
 from __future__ import annotations
 
 import hashlib
@@ -18,17 +19,18 @@ DOC_ID_CHARS = 32  # 128 bits: no collision in any corpus we will see
 
 def plan_shards(shards: list[Shard], corpus_cfg, tokenizer, limit: int | None = None,
                 storage_options: dict | None = None) -> list[ShardPlan]:
-    """Which shards to process: all of them, or under `limit` the first `limit` documents over the shards
-    in order. The shards this reads to count documents are read again by the workers; a limit is for
-    quick runs, so that costs little. The last shard touched is partial unless the limit ends exactly at
-    its end."""
+    """Which shards to process: all of them, or under `limit` the first `limit` documents over the
+    shards in order. The shards this reads to count documents are read again by the workers; a limit
+    is for quick runs, so that costs little. The last shard touched is partial unless the limit ends
+    exactly at its end."""
     if limit is None:
         return [ShardPlan(s) for s in shards]
     plans, remaining = [], limit
     for shard in shards:
         if remaining <= 0:
             break
-        docs, _ = read_shard(shard, corpus_cfg, tokenizer, max_docs=remaining + 1, storage_options=storage_options)
+        docs, _ = read_shard(shard, corpus_cfg, tokenizer, max_docs=remaining + 1,
+                             storage_options=storage_options)
         if len(docs) <= remaining:
             plans.append(ShardPlan(shard))
             remaining -= len(docs)
@@ -54,7 +56,8 @@ def _check_fields(fields: dict, locator: str, text_field: str, id_field: str | N
     if id_field:
         rid = fields.get(id_field)
         if isinstance(rid, bool) or (rid is not None and not isinstance(rid, (str, int))):
-            return None, locator, f"field {id_field!r} is {type(rid).__name__}, expected a string or integer"
+            kind = type(rid).__name__
+            return None, locator, f"field {id_field!r} is {kind}, expected a string or integer"
         if rid is not None and str(rid).strip():
             source_id = str(rid)
     if text_field not in fields:
@@ -94,10 +97,12 @@ class _Rejected:
 
 
 def _document_fields(rec: _Record, shard: Shard, corpus_cfg, text_field: str, tokenizer):
-    """(text, source_id, meta, date, pieces) of a parsed record, or (_Rejected(reason), source_id, ...)."""
+    """(text, source_id, meta, date, pieces) of a parsed record, or (_Rejected(reason), source_id,
+    ...)."""
     is_text = shard.fmt == "text"  # a paragraph: no id, date or other fields
     text, source_id, error = _check_fields(
-        rec.fields, rec.locator, text_field, None if is_text else corpus_cfg.id_field, corpus_cfg.max_record_chars)
+        rec.fields, rec.locator, text_field, None if is_text else corpus_cfg.id_field,
+        corpus_cfg.max_record_chars)
     if error is not None:
         return _Rejected(error), source_id, None, None, None
     meta, date = {}, None
@@ -106,7 +111,8 @@ def _document_fields(rec: _Record, shard: Shard, corpus_cfg, text_field: str, to
             meta = _meta(rec.fields, corpus_cfg, text_field)
             json.dumps(meta, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
-            return _Rejected("a field is not valid Unicode (lone surrogate escape)"), source_id, None, None, None
+            reason = _Rejected("a field is not valid Unicode (lone surrogate escape)")
+            return reason, source_id, None, None, None
         if corpus_cfg.date_field:
             date = iso_date(rec.fields.get(corpus_cfg.date_field))
         if date is None and corpus_cfg.url_field:
@@ -117,11 +123,12 @@ def _document_fields(rec: _Record, shard: Shard, corpus_cfg, text_field: str, to
 def read_shard(shard: Shard, corpus_cfg, tokenizer, max_docs: int | None = None,
                storage_options: dict | None = None) -> tuple[list[Document], list[dict]]:
     """The shard's documents (in record order; at most `max_docs`) and its quarantine rows
-    (records.QUARANTINE_SCHEMA) for the records read. A document whose text already occurred in the shard
-    is quarantined as a duplicate (same doc_id), so doc_id is unique within a shard. Across shards it is
-    not: the same text in two files is a document of each shard, with the same doc_id (a shard's rows
-    depend only on its own bytes, so shards can be done, skipped and resumed independently; consumers that
-    need one row per text de-duplicate on doc_id). Any failure on one record quarantines that record."""
+    (records.QUARANTINE_SCHEMA) for the records read. A document whose text already occurred in the
+    shard is quarantined as a duplicate (same doc_id), so doc_id is unique within a shard. Across
+    shards it is not: the same text in two files is a document of each shard, with the same doc_id
+    (a shard's rows depend only on its own bytes, so shards can be done, skipped and resumed
+    independently; consumers that need one row per text de-duplicate on doc_id). Any failure on one
+    record quarantines that record."""
     docs: list[Document] = []
     quarantine: list[dict] = []
     first_source: dict[str, str] = {}
@@ -137,9 +144,11 @@ def read_shard(shard: Shard, corpus_cfg, tokenizer, max_docs: int | None = None,
             reject(rec.locator, rec.error, rec.raw)
             continue
         try:
-            text, source_id, meta, date, pieces = _document_fields(rec, shard, corpus_cfg, text_field, tokenizer)
+            text, source_id, meta, date, pieces = _document_fields(rec, shard, corpus_cfg,
+                                                                   text_field, tokenizer)
         except Exception as e:  # noqa: BLE001 - one odd record must not sink its shard
-            reject(rec.locator, f"record could not be read: {type(e).__name__}: {_first_line(e)}", rec.raw)
+            reject(rec.locator, f"record could not be read: {type(e).__name__}: {_first_line(e)}",
+                   rec.raw)
             continue
         if isinstance(text, _Rejected):
             reject(source_id, text.reason, rec.raw)
@@ -149,10 +158,10 @@ def read_shard(shard: Shard, corpus_cfg, tokenizer, max_docs: int | None = None,
                 break
             doc_id = doc_id_for(piece)
             if doc_id in first_source:
-                reject(source_id, f"duplicate text: document {doc_id} already read from {first_source[doc_id]}",
-                       piece.encode("utf-8"))
+                reject(source_id, f"duplicate text: document {doc_id} already read from "
+                                  f"{first_source[doc_id]}", piece.encode("utf-8"))
                 continue
             first_source[doc_id] = source_id
-            docs.append(Document(doc_id=doc_id, text=piece, source_id=source_id, shard=shard.shard_id,
-                                 date=date, meta=meta))
+            docs.append(Document(doc_id=doc_id, text=piece, source_id=source_id,
+                                 shard=shard.shard_id, date=date, meta=meta))
     return docs, quarantine
