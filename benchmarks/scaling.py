@@ -74,7 +74,8 @@ def _tool_seconds_per_call(store, cfg: Config) -> dict[str, float | None]:
     """Seconds per call of each tool, re-running the run's distinct calls that got a result,
     in-process."""
     cands = store.read_table("candidates", columns=["tool", "call", "doc_id"]).to_pylist()
-    dates = {r["doc_id"]: r["date"] for r in store.read_table("documents", columns=["doc_id", "date"]).to_pylist()}
+    documents = store.read_table("documents", columns=["doc_id", "date"]).to_pylist()
+    dates = {r["doc_id"]: r["date"] for r in documents}
     out: dict[str, float | None] = {}
     for name, tc in cfg.enabled_tools().items():
         calls = sorted({(r["call"], dates.get(r["doc_id"])) for r in cands if r["tool"] == name},
@@ -116,7 +117,8 @@ def _one(cfg: Config, label: str, use_ray: bool, measure_extra: bool) -> dict:
         manifest = store.read_manifest()
         n = summary.documents
         stats = manifest["runs"][-1]["tool_stats"]
-        r = {"label": label, "documents": n, "lm_actors": c.ray.lm_actors if use_ray else 1, "use_ray": use_ray,
+        r = {"label": label, "documents": n, "lm_actors": c.ray.lm_actors if use_ray else 1,
+             "use_ray": use_ray,
              "pipeline_seconds": summary.pipeline_seconds, "wall_seconds": wall,
              "docs_per_s": n / summary.pipeline_seconds, "timings": manifest["timings"],
              "per_doc": {k: manifest["timings"].get(k, 0.0) / n for k in STAGES},
@@ -124,22 +126,26 @@ def _one(cfg: Config, label: str, use_ray: bool, measure_extra: bool) -> dict:
         if measure_extra:
             per_call = _tool_seconds_per_call(store, c)
             r["tool_seconds_per_call"] = per_call
-            r["per_doc_tool"] = {t: (s or 0.0) * stats.get(t, {}).get("distinct", 0) / n for t, s in per_call.items()}
+            r["per_doc_tool"] = {t: (s or 0.0) * stats.get(t, {}).get("distinct", 0) / n
+                                 for t, s in per_call.items()}
             r["per_doc"]["execute"] = sum(r["per_doc_tool"].values())
             r["per_doc"]["write"] = _write_seconds(store) / n
     return r
 
 
-def scaling_model(ref: dict, extra: dict, cfg: Config, actors=(1, 2, 4, 8, 16, 32, 64, 128)) -> dict:
+def scaling_model(ref: dict, extra: dict, cfg: Config,
+                  actors=(1, 2, 4, 8, 16, 32, 64, 128)) -> dict:
     """Predicted docs/s on a cluster from measured per-document costs (see benchmarks/README.md)."""
     p = ref["per_doc"]
     c_lm = p["sample"] + p["score"]
     c_read = p["read"]
     c_driver = p["merge"] + p["execute_wait"] + extra["per_doc"]["write"]
-    tools = {t: (cost, cfg.tools[t].workers) for t, cost in extra["per_doc_tool"].items() if cost > 0}
+    tools = {t: (cost, cfg.tools[t].workers)
+             for t, cost in extra["per_doc_tool"].items() if cost > 0}
     rows = []
     for a in actors:
-        bounds = {"LM actors": a / c_lm, "driver (merge + write + collect)": 1 / c_driver if c_driver else math.inf}
+        bounds = {"LM actors": a / c_lm,
+                  "driver (merge + write + collect)": 1 / c_driver if c_driver else math.inf}
         bounds.update({f"{t} pool ({w} workers)": w / cost for t, (cost, w) in tools.items()})
         if c_read:
             bounds["reads"] = max(2, a) / c_read  # generate reads max(2, lm_actors) shards ahead
@@ -147,7 +153,8 @@ def scaling_model(ref: dict, extra: dict, cfg: Config, actors=(1, 2, 4, 8, 16, 3
         rows.append({"lm_actors": a, "docs_per_s": bounds[limit], "bottleneck": limit})
     return {"c_lm": c_lm, "c_read": c_read, "c_driver": c_driver,
             "c_tools": {t: cost for t, (cost, _) in tools.items()},
-            "driver_bound_at_actors": c_lm / c_driver if c_driver else math.inf, "predictions": rows}
+            "driver_bound_at_actors": c_lm / c_driver if c_driver else math.inf,
+            "predictions": rows}
 
 
 def bench_scaling(cfg: Config, n_docs: int, actors: tuple[int, ...] = (1, 2),
@@ -159,13 +166,15 @@ def bench_scaling(cfg: Config, n_docs: int, actors: tuple[int, ...] = (1, 2),
     started = ensure_ray(cfg.ray.address, cfg.ray.num_cpus or 2)
     try:
         for a in actors:
-            runs.append(_one(_run_config(cfg, n_docs, a, per_task, threads), f"ray x{a}", True, False))
+            c = _run_config(cfg, n_docs, a, per_task, threads)
+            runs.append(_one(c, f"ray x{a}", True, False))
     finally:
         if started:
             ray.shutdown()
     ray1 = next(r for r in runs if r["use_ray"] and r["lm_actors"] == 1)
     out = {"documents": n_docs, "docs_per_task": per_task, "torch_threads_per_actor": threads,
-           "ray_num_cpus": cfg.ray.num_cpus or 2, "tools": sorted(cfg.enabled_tools()), "runs": runs,
+           "ray_num_cpus": cfg.ray.num_cpus or 2, "tools": sorted(cfg.enabled_tools()),
+           "runs": runs,
            "model": scaling_model(ray1, runs[0], cfg)}
     for r in runs[1:]:
         r["speedup_vs_ray_x1"] = r["docs_per_s"] / ray1["docs_per_s"]
@@ -184,19 +193,22 @@ def print_scaling(r: dict, print_table) -> None:
     for x in r["runs"]:
         per = ", ".join(f"{k} {v * 1000:.0f}" for k, v in x["per_doc"].items())
         speed = f", {x['speedup_vs_ray_x1']:.2f}x ray x1" if "speedup_vs_ray_x1" in x else ""
-        rows.append((x["label"], f"{x['pipeline_seconds']:.1f} s -> {x['docs_per_s']:.2f} docs/s{speed} "
-                                 f"(wall with start-up {x['wall_seconds']:.1f} s)"))
+        rows.append((x["label"], f"{x['pipeline_seconds']:.1f} s -> {x['docs_per_s']:.2f} docs/s"
+                                 f"{speed} (wall with start-up {x['wall_seconds']:.1f} s)"))
         rows.append(("  ms per doc", per))
-    print_table(f"scaling ({r['documents']} docs, {r['docs_per_task']} per task, tools {', '.join(r['tools'])}, "
-                f"{r['torch_threads_per_actor']} torch thread per actor, Ray num_cpus {r['ray_num_cpus']})", rows)
+    print_table(f"scaling ({r['documents']} docs, {r['docs_per_task']} per task, tools "
+                f"{', '.join(r['tools'])}, {r['torch_threads_per_actor']} torch thread per actor, "
+                f"Ray num_cpus {r['ray_num_cpus']})", rows)
     m = r["model"]
-    rows = [("per doc (ray x1)", f"LM {m['c_lm'] * 1000:.0f} ms, read {m['c_read'] * 1000:.1f} ms, driver "
-                                 f"{m['c_driver'] * 1000:.1f} ms, tools "
-                                 + (", ".join(f"{t} {c * 1000:.2f} ms" for t, c in m["c_tools"].items()) or "-")),
+    tools = ", ".join(f"{t} {c * 1000:.2f} ms" for t, c in m["c_tools"].items()) or "-"
+    rows = [("per doc (ray x1)", f"LM {m['c_lm'] * 1000:.0f} ms, read {m['c_read'] * 1000:.1f} ms, "
+                                 f"driver {m['c_driver'] * 1000:.1f} ms, tools {tools}"),
             ("driver binds at", f"~{m['driver_bound_at_actors']:.0f} LM actors")]
-    rows += [(f"{p['lm_actors']} LM actors", f"{p['docs_per_s']:.2f} docs/s (bound: {p['bottleneck']})"
-              + (f"; measured {p['measured_docs_per_s']:.2f}" if "measured_docs_per_s" in p else ""))
-             for p in m["predictions"]]
+    for p in m["predictions"]:
+        measured = p.get("measured_docs_per_s")
+        line = f"{p['docs_per_s']:.2f} docs/s (bound: {p['bottleneck']})"
+        rows.append((f"{p['lm_actors']} LM actors",
+                     line + (f"; measured {measured:.2f}" if measured is not None else "")))
     print_table("scaling model: docs/s = min(A / c_lm, W_t / c_t, R / c_read, 1 / c_driver)", rows)
 
 

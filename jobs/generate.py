@@ -1,11 +1,12 @@
-"""One data-generation run: annotate corpus.input and write <run.output>/<config hash>/ (calls, documents,
-manifest, report). Committed shards are skipped, so submitting it again resumes a killed run.
+"""One data-generation run: annotate corpus.input and write <run.output>/<config hash>/ (calls,
+documents, manifest, report). Committed shards are skipped, so submitting it again resumes a killed
+run.
 
     ray job submit --address http://HEAD:8265 --working-dir . --runtime-env jobs/runtime_env.yaml \
         -- python -m jobs.generate --config configs/cluster.yaml
 
-Exit code 1 when a shard failed or the manifest could not be written (the others are committed; submit
-again to retry the failed ones).
+Exit code 1 when a shard failed or the manifest could not be written (the others are committed;
+submit again to retry the failed ones).
 """
 from __future__ import annotations
 
