@@ -18,8 +18,8 @@ import pandas as pd
 import pytest
 
 from toolformer_ray.config import load_config
-from toolformer_ray.datajob.run import LMStartError, _lm_actor_count, run_generate
-from toolformer_ray.datajob.stages import FAULT_ENV
+from toolformer_ray.datajob.run import _lm_actor_count, run_generate
+from toolformer_ray.datajob.stages import FAULT_ENV, LMStartError
 from toolformer_ray.models import NODE_CACHE_ENV, directory_revision
 
 from caller_model import caller_model_dir, corpus_records

@@ -25,8 +25,7 @@ from toolformer_ray.config import Config
 from toolformer_ray.datajob.commit import commit_shard
 from toolformer_ray.datajob.corpus import ShardPlan, hash_files, list_shards, plan_shards
 from toolformer_ray.datajob.scheduler import Scheduler, ShardWork
-from toolformer_ray.datajob.stages import (LMStartError, LocalBackend, RayBackend, ToolStage,
-                                           storage_env)
+from toolformer_ray.datajob.stages import LocalBackend, RayBackend, ToolStage, storage_env
 from toolformer_ray.errors import UserError
 from toolformer_ray.models import directory_revision, load_tokenizer, resolve_model_dir
 from toolformer_ray.ray_session import ensure_ray
@@ -34,9 +33,6 @@ from toolformer_ray.report import report_from_store
 from toolformer_ray.storage import OutputStore, build_manifest
 from toolformer_ray.tools.pool import LocalToolExecutor, RayToolExecutor
 from toolformer_ray.version import code_version
-
-__all__ = ["GenerateSummary", "LMStartError", "Progress", "run_generate"]
-
 
 @dataclass
 class GenerateSummary:
