@@ -60,7 +60,7 @@ def main() -> None:
 
     # 2. generate
     if "generate" not in args.skip:
-        from toolformer_ray.generate import run_generate
+        from toolformer_ray.datajob.run import run_generate
 
         t = time.time()
         summary = run_generate(cfg, use_ray=True)

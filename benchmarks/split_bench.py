@@ -1,7 +1,9 @@
-"""Record splitting: seconds and tokenizer characters per input character on 1M-character records
-(issue 17, item 5). The test (tests/test_hardening.py) bounds the encode count; this prints the time.
+"""Record splitting: seconds and tokenizer characters per input character on 1M-character
+records (issue 17, item 5). The test (tests/test_hardening.py) bounds the encode count; this prints
+the time.
 
-    .venv/bin/python benchmarks/split_bench.py [--model default|tiny|DIR] [--chars 1000000] [--output DIR]
+    .venv/bin/python benchmarks/split_bench.py [--model default|tiny|DIR] [--chars 1000000] \\
+        [--output DIR]
 
 Writes <output>/split-<model name>.json.
 """
@@ -22,14 +24,15 @@ CASES = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
     ap.add_argument("--chars", type=int, default=1_000_000)
     ap.add_argument("--max-doc-tokens", type=int, default=256)
     ap.add_argument("--output", default="benchmarks/results")
     args = ap.parse_args()
 
-    from toolformer_ray.corpus import split_text
+    from toolformer_ray.datajob.corpus import split_text
     from toolformer_ray.models import load_tokenizer, resolve_model_dir
 
     tok = load_tokenizer(resolve_model_dir(args.model))
@@ -50,11 +53,13 @@ def main() -> None:
                       "us_per_char": round(1e6 * seconds / len(text), 3),
                       "encoded_chars_per_char": round(seen["chars"] / len(text), 2)}
         print(f"{name:16s} {len(text):>9d} chars  {len(pieces):>6d} pieces  {seconds:7.2f} s  "
-              f"{rows[name]['us_per_char']:6.2f} us/char  {rows[name]['encoded_chars_per_char']:5.2f} enc/char")
+              f"{rows[name]['us_per_char']:6.2f} us/char  "
+              f"{rows[name]['encoded_chars_per_char']:5.2f} enc/char")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"split-{Path(args.model).name}.json"
-    path.write_text(json.dumps({"model": args.model, "max_doc_tokens": args.max_doc_tokens, "host": platform.node(),
+    path.write_text(json.dumps({"model": args.model, "max_doc_tokens": args.max_doc_tokens,
+                                "host": platform.node(),
                                 "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                 "cases": rows}, indent=2))
     print(f"wrote {path}")

@@ -33,10 +33,10 @@ from toolformer_ray.core import reference as ref
 from toolformer_ray.core.annotate import Annotator
 from toolformer_ray.core.lm import encode
 from toolformer_ray.core.sampling import select_positions, tokenize_doc
-from toolformer_ray.corpus import list_shards, read_shard
+from toolformer_ray.datajob.corpus import list_shards, read_shard
 from toolformer_ray.models import load_from_config
 from toolformer_ray.tools import build_tools
-from toolformer_ray.tools.pool import LocalToolExecutor
+from toolformer_ray.tools.executor import LocalToolExecutor
 
 from harness import config, header, parser, print_table, write_results  # benchmarks/harness.py
 

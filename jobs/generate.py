@@ -11,7 +11,7 @@ submit again to retry the failed ones).
 from __future__ import annotations
 
 from jobs import parse_config, run_main
-from toolformer_ray.generate import run_generate
+from toolformer_ray.datajob.run import run_generate
 
 
 def main(argv: list[str] | None = None) -> None:

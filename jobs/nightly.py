@@ -47,7 +47,8 @@ from toolformer_ray.config import Config
 from toolformer_ray.errors import UserError
 from toolformer_ray.evaluation import run_eval
 from toolformer_ray.finetune import run_finetune
-from toolformer_ray.generate import _storage_env, run_generate
+from toolformer_ray.datajob.run import run_generate
+from toolformer_ray.datajob.stages import storage_env
 from toolformer_ray.ray_session import ensure_ray
 from toolformer_ray.storage import OutputStore, put_bytes, table_bytes
 
@@ -190,7 +191,7 @@ def _evaluate_where_it_fits(cfg: Config, models: list[str]) -> dict:
             cfg.inference.device = "cuda"
         task = ray.remote(num_cpus=cfg.nightly.eval_cpus, num_gpus=gpus,
                           max_retries=1)(_evaluate_remote)
-        return ray.get(task.remote(_storage_env(), cfg, models))
+        return ray.get(task.remote(storage_env(), cfg, models))
     return evaluate_round(cfg, models)
 
 

@@ -12,10 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from toolformer_ray import corpus
 from toolformer_ray.config import CorpusConfig
-from toolformer_ray.corpus import (CorpusError, ShardPlan, date_from_url, doc_id_for, list_shards, parse_date,
-                                   plan_shards, read_shard, split_text)
+from toolformer_ray.datajob.corpus import (CorpusError, ShardPlan, doc_id_for, formats, listing,
+                                           list_shards, plan_shards, read_shard, split_text)
+from toolformer_ray.dates import date_from_url
+from toolformer_ray.dates import iso_date as parse_date
 from toolformer_ray.models import load_tokenizer, resolve_model_dir
 
 
@@ -85,7 +86,7 @@ def test_hash_cache_skips_rereading(tmp_path, monkeypatch):
 
     def fail(*args):
         raise AssertionError("file read again despite the cache")
-    monkeypatch.setattr(corpus, "_sha256_file", fail)
+    monkeypatch.setattr(listing, "sha256_file", fail)
     assert list_shards(str(tmp_path), hash_cache=cache) == first
 
 
@@ -167,7 +168,7 @@ def test_over_long_raw_line_is_not_parsed(tmp_path, tok):
     docs, quarantine = read_shard(list_shards(str(path))[0], CorpusConfig(max_record_chars=10), tok)
     assert docs == [] and quarantine[0]["reason"].startswith("over-long record:")
     # Beyond the raw bound only a prefix is kept, with the record's length and sha256 in the reason.
-    assert quarantine[0]["raw"] == big.encode()[:corpus.RAW_PREFIX_BYTES]
+    assert quarantine[0]["raw"] == big.encode()[:formats.RAW_PREFIX_BYTES]
     assert f"{len(big)} bytes, sha256 {hashlib.sha256(big.encode()).hexdigest()}" in quarantine[0]["reason"]
 
 

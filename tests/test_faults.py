@@ -16,9 +16,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from toolformer_ray import cli, generate
+from toolformer_ray import cli
+from toolformer_ray.datajob import run, stages
 from toolformer_ray.config import ToolConfig
-from toolformer_ray.generate import run_generate
+from toolformer_ray.datajob.run import run_generate
 from toolformer_ray.tools import REGISTRY
 from toolformer_ray.tools.calculator import Calculator
 from toolformer_ray.tools.executor import RayToolExecutor
@@ -85,7 +86,7 @@ def test_tool_worker_killed_mid_batch(caller, corpus, tmp_path, reference, monke
 
 def test_lm_actor_killed_mid_batch(caller, corpus, tmp_path, reference, monkeypatch, ray_local):
     killed = {}
-    real_init = generate.RayBackend.__init__
+    real_init = stages.RayBackend.__init__
 
     def init(self, cfg, model_dir):
         real_init(self, cfg, model_dir)
@@ -102,7 +103,7 @@ def test_lm_actor_killed_mid_batch(caller, corpus, tmp_path, reference, monkeypa
 
         threading.Thread(target=killer, daemon=True).start()
 
-    monkeypatch.setattr(generate.RayBackend, "__init__", init)
+    monkeypatch.setattr(stages.RayBackend, "__init__", init)
     summary = run_generate(make_cfg(caller, corpus, tmp_path / "out"), use_ray=True, progress=False)
     assert killed.get("in_flight", 0) > 0, killed
     with pytest.raises(ProcessLookupError):
@@ -131,7 +132,7 @@ def test_s3_outage_longer_than_retries(caller, corpus, tmp_path, reference, monk
         monkeypatch.setenv(key, value)
     s3fs.S3FileSystem.clear_instance_cache()  # no client of another test's endpoint
     boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket="outage")
-    real_commit = generate._commit_shard
+    real_commit = run.commit_shard
     commits = []
 
     def commit_then_outage(*args, **kw):
@@ -141,7 +142,7 @@ def test_s3_outage_longer_than_retries(caller, corpus, tmp_path, reference, monk
             server.stop()  # down for the rest of the run: every later write exhausts its retries
         return kept
 
-    monkeypatch.setattr(generate, "_commit_shard", commit_then_outage)
+    monkeypatch.setattr(run, "commit_shard", commit_then_outage)
     cfg = make_cfg(caller, corpus, "s3://outage/runs")
     argv = ["toolformer-ray", "generate", "-i", str(corpus), "-o", "s3://outage/runs"]
     for key in ("model.path", "model.dtype", "model.cache_dir", "ray.docs_per_task", "ray.torch_threads",
@@ -161,7 +162,7 @@ def test_s3_outage_longer_than_retries(caller, corpus, tmp_path, reference, monk
         # the endpoint back, the same command finishes the two failed shards
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         server.start()
-        monkeypatch.setattr(generate, "_commit_shard", real_commit)
+        monkeypatch.setattr(run, "commit_shard", real_commit)
         with pytest.raises(SystemExit) as e:
             cli.main()
         out, err = capsys.readouterr()

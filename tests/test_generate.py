@@ -18,7 +18,7 @@ import pytest
 
 from toolformer_ray.api_text import Markers, strip_calls
 from toolformer_ray.config import load_config
-from toolformer_ray.generate import run_generate
+from toolformer_ray.datajob.run import run_generate
 from toolformer_ray.models import load_model
 from toolformer_ray.verify import verify_output
 

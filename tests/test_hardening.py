@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from toolformer_ray import cli, corpus
+from toolformer_ray import cli
 from toolformer_ray.config import ConfigError, CorpusConfig, ToolConfig, load_config
-from toolformer_ray.corpus import doc_id_for, list_shards, read_shard, split_text
+from toolformer_ray.datajob.corpus import (doc_id_for, formats, list_shards, read_shard, split,
+                                           split_text)
+from toolformer_ray.datajob.corpus import read as corpus_read
 from toolformer_ray.models import load_tokenizer, resolve_model_dir
 from toolformer_ray.tools.base import Tool
 from toolformer_ray.tools.calculator import Calculator
@@ -48,14 +50,14 @@ def test_record_level_failures_are_quarantined_not_fatal(tmp_path, tok, monkeypa
     path = tmp_path / "a.jsonl"
     path.write_bytes(lines_of([{"text": "First fine one."}]) + deep + b"\n" + big_int + b"\n"
                      + lines_of([{"text": "Odd date.", "date": "boom"}, {"text": "Last fine one."}]))
-    real = corpus.parse_date
+    real = corpus_read.iso_date
 
     def parse_date(value):  # an unforeseen failure on one record's field
         if value == "boom":
             raise OverflowError("unexpected")
         return real(value)
 
-    monkeypatch.setattr(corpus, "parse_date", parse_date)
+    monkeypatch.setattr(corpus_read, "iso_date", parse_date)
     docs, quarantine = read(path, tok)
     assert [d.text for d in docs] == ["First fine one.", "Last fine one."]
     reasons = {q["source_id"]: q["reason"] for q in quarantine}
@@ -78,9 +80,9 @@ def test_decompression_bomb_is_bounded(tmp_path, tok):
         tracemalloc.stop()
     assert [d.text for d in docs] == ["After the bomb."]
     (q,) = quarantine
-    assert q["raw"] == line[:corpus.RAW_PREFIX_BYTES]
+    assert q["raw"] == line[:formats.RAW_PREFIX_BYTES]
     assert q["reason"] == (f"over-long record: {len(line)} bytes, sha256 {hashlib.sha256(line).hexdigest()}; "
-                           f"only the first {corpus.RAW_PREFIX_BYTES} kept")
+                           f"only the first {formats.RAW_PREFIX_BYTES} kept")
     assert peak < 24 * 2**20, f"peak {peak / 2**20:.0f} MiB: the line was held whole"
 
 
@@ -136,7 +138,7 @@ def test_text_paragraph_with_over_long_line(tmp_path, tok):
 def test_hidden_files_are_skipped_with_a_message(tmp_path, caplog):
     for name in ("a.jsonl", "_b.jsonl", ".c.jsonl"):
         (tmp_path / name).write_bytes(lines_of([{"text": f"In {name}."}]))
-    with caplog.at_level(logging.WARNING, logger="toolformer_ray.corpus"):
+    with caplog.at_level(logging.WARNING, logger="toolformer_ray.datajob.corpus"):
         shards = list_shards(str(tmp_path))
     assert [s.name for s in shards] == ["a.jsonl"]
     assert "skipping 2 file(s)" in caplog.text and "_b.jsonl" in caplog.text and ".c.jsonl" in caplog.text
@@ -183,7 +185,7 @@ def test_split_is_linear_in_the_text(tok, unit):
 @pytest.mark.timeout(60)  # quadratic, this 1M-character whitespace run takes hours; linear, milliseconds
 def test_sentence_gaps_are_linear_in_whitespace_runs():
     text = "Start " + " " * 1_000_000 + " end.\nNext line."
-    assert corpus._sentence_spans(text) == [(0, 1_000_011), (1_000_012, 1_000_022)]
+    assert split._sentence_spans(text) == [(0, 1_000_011), (1_000_012, 1_000_022)]
 
 
 # ------------------------------------------------------------------------------------ tools (item 12)
@@ -273,14 +275,14 @@ def test_remote_index_names_cannot_escape_the_cache(s3_endpoint, tmp_path):
 
 @pytest.mark.slow
 def test_no_ray_isolates_failed_shards_and_exits_1(monkeypatch, capsys, tmp_path):
-    from toolformer_ray import generate
+    from toolformer_ray.datajob import stages
 
     inp = tmp_path / "corpus"
     inp.mkdir()
     for name in ("a", "b", "c"):
         (inp / f"{name}.jsonl").write_bytes(lines_of(
             [{"id": f"{name}{i}", "text": f"Shard {name} line {i}: 3 + {i} = {3 + i}."} for i in range(3)]))
-    real_read, real_sample = generate._timed_read, generate.LMWorker.sample
+    real_read, real_sample = stages.read_docs, stages.LMStage.sample
 
     def read(shard, *args):
         if shard.name == "a.jsonl":
@@ -292,8 +294,8 @@ def test_no_ray_isolates_failed_shards_and_exits_1(monkeypatch, capsys, tmp_path
             raise RuntimeError("model fell over")
         return real_sample(self, docs)
 
-    monkeypatch.setattr(generate, "_timed_read", read)
-    monkeypatch.setattr(generate.LMWorker, "sample", sample)
+    monkeypatch.setattr(stages, "read_docs", read)
+    monkeypatch.setattr(stages.LMStage, "sample", sample)
     argv = ["generate", "--no-ray", "-i", str(inp), "-s", "model.path=tiny", "-s", "model.dtype=float32",
             "-s", "tools={Calculator: {k: 2, m: 2}}", "-s", "ray.torch_threads=1", "-s", "sampling.max_call_tokens=4"]
     code, err = run_main(monkeypatch, capsys, *argv, "-o", str(tmp_path / "out"))
@@ -304,8 +306,8 @@ def test_no_ray_isolates_failed_shards_and_exits_1(monkeypatch, capsys, tmp_path
     manifest = json.loads((version / "manifest.json").read_text())
     assert manifest["counts"]["shards_done"] == 1 and len(manifest["runs"][-1]["shards_failed"]) == 2
     # the faults gone, a rerun does exactly the two failed shards and exits 0
-    monkeypatch.setattr(generate, "_timed_read", real_read)
-    monkeypatch.setattr(generate.LMWorker, "sample", real_sample)
+    monkeypatch.setattr(stages, "read_docs", real_read)
+    monkeypatch.setattr(stages.LMStage, "sample", real_sample)
     code, err = run_main(monkeypatch, capsys, *argv, "-o", str(tmp_path / "out"))
     assert code == 0, err
     manifest = json.loads((version / "manifest.json").read_text())

@@ -25,7 +25,7 @@ from jobs.runtime_env import FORWARDED, SECRETS, SecretInRuntimeEnv, runtime_env
 from jobs.state import Lease, NightlyState
 from toolformer_ray.config import load_config
 from toolformer_ray.errors import UserError
-from toolformer_ray.schema import CALLS_SCHEMA, DOCUMENTS_SCHEMA
+from toolformer_ray.datajob.records import CALLS_SCHEMA, DOCUMENTS_SCHEMA
 from toolformer_ray.storage import OutputStore
 
 

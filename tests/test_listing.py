@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 
-from toolformer_ray.corpus import hash_files, list_shards
+from toolformer_ray.datajob.corpus import hash_files, list_shards
 
 
 def test_new_files_go_to_the_hasher_in_one_call_and_cached_ones_not_at_all(tmp_path):

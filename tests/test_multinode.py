@@ -18,7 +18,8 @@ import pandas as pd
 import pytest
 
 from toolformer_ray.config import load_config
-from toolformer_ray.generate import FAULT_ENV, LMStartError, _lm_actor_count, run_generate
+from toolformer_ray.datajob.run import _lm_actor_count, run_generate
+from toolformer_ray.datajob.stages import FAULT_ENV, LMStartError
 from toolformer_ray.models import NODE_CACHE_ENV, directory_revision
 
 from caller_model import caller_model_dir, corpus_records
@@ -118,13 +119,13 @@ def test_multinode_s3_model_per_node_caches_same_rows_as_no_ray_and_no_secret_wr
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CANARY)  # moto takes any; the job must not write it
     monkeypatch.delenv(NODE_CACHE_ENV, raising=False)
     cfg = make_cfg(model_uri, caches["driver"], corpus, tmp_path / "out", **{"ray.lm_actors": 2})
-    import toolformer_ray.corpus as corpus_mod
+    import toolformer_ray.datajob.corpus.listing as corpus_mod
 
     def no_hashing_here(fs, path):
         raise AssertionError(f"the driver hashed {path}: new inputs are hashed in Ray tasks")
 
     with monkeypatch.context() as m:
-        m.setattr(corpus_mod, "_sha256_file", no_hashing_here)
+        m.setattr(corpus_mod, "sha256_file", no_hashing_here)
         summary = run_generate(cfg, use_ray=True, progress=False)
     assert summary.shards_done == 3 and not summary.shards_failed, summary.describe()
 

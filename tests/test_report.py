@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from toolformer_ray.report import kept_at, pick_examples, report_from_store, utilities, write_report
-from toolformer_ray.schema import CANDIDATES_SCHEMA, DOCUMENTS_SCHEMA, SCHEMA_VERSION
+from toolformer_ray.datajob.records import CANDIDATES_SCHEMA, DOCUMENTS_SCHEMA, SCHEMA_VERSION
 from toolformer_ray.storage import OutputStore, build_manifest
 
 TAU_F = {"Calculator": 0.5, "Calendar": 1.0}

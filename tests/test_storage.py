@@ -12,8 +12,9 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
-from toolformer_ray import storage
-from toolformer_ray.schema import CALLS_SCHEMA, DOCUMENTS_SCHEMA, QUARANTINE_SCHEMA, SCHEMA_VERSION
+from toolformer_ray import fsutil, storage
+from toolformer_ray.datajob.records import (CALLS_SCHEMA, DOCUMENTS_SCHEMA, QUARANTINE_SCHEMA,
+                                            SCHEMA_VERSION)
 from toolformer_ray.storage import OutputStore, build_manifest, conform, put_bytes
 
 HASH = "cafe0123456789ab"
@@ -60,7 +61,7 @@ def listing(store: OutputStore, name: str) -> list[str]:
 def dir_dataset(store: OutputStore, name: str) -> pa.Table:
     """What a user gets from pyarrow.dataset.dataset(<version>/<name>)."""
     from pyarrow.fs import FSSpecHandler, PyFileSystem
-    if storage.is_local(store.fs):
+    if fsutil.is_local(store.fs):
         return pads.dataset(store.path(name), format="parquet").to_table()
     return pads.dataset(store.path(name), format="parquet", filesystem=PyFileSystem(FSSpecHandler(store.fs))).to_table()
 
@@ -166,7 +167,7 @@ KILL_SCRIPT = textwrap.dedent("""
     import json, os, signal, sys
     import pyarrow as pa
     from toolformer_ray.storage import OutputStore
-    from toolformer_ray.schema import CALLS_SCHEMA
+    from toolformer_ray.datajob.records import CALLS_SCHEMA
     uri, options, rows = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 
     def die(self, unit, blob):  # the process dies for real between the last table and the commit record

@@ -15,7 +15,7 @@ from tokenizers.processors import TemplateProcessing
 
 from toolformer_ray.config import load_config
 from toolformer_ray.core.lm import bos_ids
-from toolformer_ray.generate import run_generate
+from toolformer_ray.datajob.run import run_generate
 from toolformer_ray.models import load_tokenizer
 from toolformer_ray.verify import verify_output
 

@@ -68,7 +68,7 @@ def generate(
     if limit is not None:
         extra.append(f"corpus.limit={limit}")
     cfg = _config(config, overrides, extra)
-    from toolformer_ray.generate import run_generate
+    from toolformer_ray.datajob.run import run_generate
 
     summary = run_generate(cfg, use_ray=not no_ray)
     typer.echo(summary.describe())

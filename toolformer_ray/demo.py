@@ -41,7 +41,7 @@ def main() -> None:
             print(f"indexed {stats['passages']} passages into {index}")
 
     banner("2/4 generate: sample, execute and filter API calls (Ray, local)")
-    from toolformer_ray.generate import run_generate
+    from toolformer_ray.datajob.run import run_generate
 
     t = time.time()
     gen = run_generate(cfg, use_ray=True)

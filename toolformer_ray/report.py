@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from toolformer_ray.schema import FUNNEL_KEYS
+from toolformer_ray.datajob.records import FUNNEL_KEYS
 from toolformer_ray.storage import OutputStore, put_bytes, sum_funnels, sum_timings
 
 FUNNEL_LABELS = {

@@ -2,22 +2,22 @@
 
 Layout under `run.output` (a local path or s3://...):
 
-    <output>/<config_hash>/              one output version; a changed config hash starts a new one
-        calls/<unit>.parquet             kept calls                      (schema.CALLS_SCHEMA)
-        candidates/<unit>.parquet        every scored call + `kept`      (schema.CANDIDATES_SCHEMA)
-        documents/<unit>.parquet         documents with calls inline     (schema.DOCUMENTS_SCHEMA)
-        quarantine/<unit>.parquet        unusable records                (schema.QUARANTINE_SCHEMA)
-        _committed/<unit>.json           the commit record: written LAST; the shard is done iff it exists
-        manifest.json                    inputs, config, model, per-shard status, funnel, timings
-        report/                          report.md + PNGs
-    <output>/_shard_hashes.json          listing cache: file fingerprint -> content hash (any version)
+    <output>/<config_hash>/         one output version; a changed config hash starts a new one
+        calls/<unit>.parquet        kept calls                      (records.CALLS_SCHEMA)
+        candidates/<unit>.parquet   every scored call + `kept`      (records.CANDIDATES_SCHEMA)
+        documents/<unit>.parquet    documents with calls inline     (records.DOCUMENTS_SCHEMA)
+        quarantine/<unit>.parquet   unusable records                (records.QUARANTINE_SCHEMA)
+        _committed/<unit>.json      the commit record: written LAST; the shard is done iff it exists
+        manifest.json               inputs, config, model, per-shard status, funnel, timings
+        report/                     report.md + PNGs
+    <output>/_shard_hashes.json     listing cache: file fingerprint -> content hash (any version)
 
-`<unit>` is the shard id, or "<shard id>-first<N>" for a shard read only up to its first N documents (a
-`corpus.limit` run): a partial unit never counts as the complete shard. File names are deterministic, so a
-redone shard overwrites its files instead of adding copies. Each object is written atomically (local: a
-hidden temporary name, then os.replace; S3: one PUT, visible only when complete). A killed run leaves at
-worst table files without a commit record: readers of committed shards ignore them, the redo overwrites
-them, and `remove_uncommitted()` deletes them.
+`<unit>` is the shard id, or "<shard id>-first<N>" for a shard read only up to its first N documents
+(a `corpus.limit` run): a partial unit never counts as the complete shard. File names are
+deterministic, so a redone shard overwrites its files instead of adding copies. Each object is
+written atomically (local: a hidden temporary name, then os.replace; S3: one PUT, visible only when
+complete). A killed run leaves at worst table files without a commit record: readers of committed
+shards ignore them, the redo overwrites them, and `remove_uncommitted()` deletes them.
 """
 from __future__ import annotations
 
@@ -32,12 +32,12 @@ import fsspec
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from toolformer_ray.errors import UserError
-from toolformer_ray.schema import (CALLS_SCHEMA, CANDIDATES_SCHEMA, DOCUMENTS_SCHEMA, FUNNEL_KEYS,
-                                   QUARANTINE_SCHEMA, SCHEMA_VERSION)
+from toolformer_ray.datajob.records import (CALLS_SCHEMA, CANDIDATES_SCHEMA, DOCUMENTS_SCHEMA,
+                                            FUNNEL_KEYS, QUARANTINE_SCHEMA, SCHEMA_VERSION)
+from toolformer_ray.fsutil import is_local
 
 TABLE_SCHEMAS: dict[str, pa.Schema] = {
     "calls": CALLS_SCHEMA,
@@ -55,12 +55,9 @@ class StorageError(UserError, OSError):
 
 
 def unit_id(shard_id: str, max_docs: int | None = None) -> str:
-    """The name a shard's outputs are committed under: the shard id, or "<shard id>-first<N>" if partial."""
+    """The name a shard's outputs are committed under: the shard id, or "<shard id>-first<N>" if
+    partial."""
     return shard_id if max_docs is None else f"{shard_id}-first{max_docs}"
-
-
-def is_local(fs) -> bool:
-    return isinstance(fs, LocalFileSystem)
 
 
 def put_bytes(fs, path: str, data: bytes) -> None:
@@ -68,7 +65,8 @@ def put_bytes(fs, path: str, data: bytes) -> None:
     if is_local(fs):
         directory, name = os.path.split(path)
         os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex}")  # hidden: dataset readers skip it
+        # hidden: dataset readers skip it
+        tmp = os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex}")
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -79,21 +77,23 @@ def put_bytes(fs, path: str, data: bytes) -> None:
             if os.path.exists(tmp):
                 os.remove(tmp)
     else:
-        fs.pipe_file(path, data)  # one PUT (multipart above 100 MB): the object appears whole or not at all
+        # one PUT (multipart above 100 MB): the object appears whole or not at all
+        fs.pipe_file(path, data)
 
 
 def table_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     with pq.ParquetWriter(buf, table.schema, compression="zstd") as writer:
-        # An empty table is written as a schema without row groups: `datasets` fails on a 0-row row group
-        # ("BatchSize must be greater than 0"), while it skips a file that has none.
+        # An empty table is written as a schema without row groups: `datasets` fails on a 0-row row
+        # group ("BatchSize must be greater than 0"), while it skips a file that has none.
         if table.num_rows:
             writer.write_table(table)
     return buf.getvalue()
 
 
 def conform(name: str, table: pa.Table | None) -> pa.Table:
-    """The table in its schema's column order and types (an empty table if None), or a clear error."""
+    """The table in its schema's column order and types (an empty table if None), or a clear
+    error."""
     schema = TABLE_SCHEMAS.get(name)
     if table is None:
         if schema is None:
@@ -104,7 +104,8 @@ def conform(name: str, table: pa.Table | None) -> pa.Table:
     missing = [f.name for f in schema if f.name not in table.column_names]
     extra = [c for c in table.column_names if c not in schema.names]
     if missing or extra:
-        raise ValueError(f"table {name!r} does not match its schema: missing {missing}, unexpected {extra}")
+        raise ValueError(f"table {name!r} does not match its schema: missing {missing}, "
+                         f"unexpected {extra}")
     return table.select(schema.names).cast(schema)
 
 
@@ -125,11 +126,13 @@ class OutputStore:
         self.root = root.rstrip("/")
         self.version_dir = f"{self.root}/{config_hash}"
         if self.fs.isfile(self.root) or self.fs.isfile(self.version_dir):
-            raise StorageError(f"output path {self.output_uri} is a file, expected a directory or prefix")
+            raise StorageError(f"output path {self.output_uri} is a file, expected a directory "
+                               "or prefix")
 
-    # ------------------------------------------------------------------------------------------- paths
+    # ---------------------------------------------------------------------------------------- paths
     def path(self, *parts: str) -> str:
-        """Filesystem path (for self.fs) of a file inside the version, e.g. path("calls", "x.parquet")."""
+        """Filesystem path (for self.fs) of a file inside the version, e.g. path("calls",
+        "x.parquet")."""
         return "/".join([self.version_dir, *parts])
 
     def uri(self, *parts: str) -> str:
@@ -143,11 +146,13 @@ class OutputStore:
     def commit_path(self, unit: str) -> str:
         return self.path(COMMITTED, f"{unit}.json")
 
-    # ------------------------------------------------------------------------------------- commit state
+    # --------------------------------------------------------------------------------- commit state
     def committed_units(self, shard_id: str | None = None) -> dict[str, dict]:
-        """unit -> commit record, for every committed unit (complete and partial), or only `shard_id`'s."""
+        """unit -> commit record, for every committed unit (complete and partial), or only
+        `shard_id`'s."""
         directory = self.path(COMMITTED)
-        self.fs.invalidate_cache(directory)  # s3fs caches listings; another process may have committed
+        # s3fs caches listings; another process may have committed
+        self.fs.invalidate_cache(directory)
         try:
             paths = self.fs.glob(f"{directory}/{shard_id or ''}*.json")
         except FileNotFoundError:
@@ -156,16 +161,19 @@ class OutputStore:
         if paths:
             for path, blob in self.fs.cat(paths).items():
                 record = json.loads(blob)
-                if shard_id is None or record["shard_id"] == shard_id:  # "x-rg1*" also matches "x-rg10"
+                # "x-rg1*" also matches "x-rg10"
+                if shard_id is None or record["shard_id"] == shard_id:
                     units[record["unit"]] = record
         return units
 
     def committed_shards(self) -> set[str]:
-        """Shard ids whose complete outputs are committed (partial units under a limit do not count)."""
+        """Shard ids whose complete outputs are committed (partial units under a limit do not
+        count)."""
         return {r["shard_id"] for r in self.committed_units().values() if r["complete"]}
 
     def readable_units(self, units: dict[str, dict] | None = None) -> dict[str, dict]:
-        """The units the dataset consists of: per shard its complete unit, else its largest partial one."""
+        """The units the dataset consists of: per shard its complete unit, else its largest partial
+        one."""
         units = self.committed_units() if units is None else units
         best: dict[str, dict] = {}
         for record in units.values():
@@ -176,25 +184,29 @@ class OutputStore:
 
     def is_done(self, shard_id: str, max_docs: int | None = None,
                 units: dict[str, dict] | None = None) -> bool:
-        """Whether this shard (or its first `max_docs` documents) need not be processed again: its complete
-        unit, or exactly this partial unit, is committed."""
+        """Whether this shard (or its first `max_docs` documents) need not be processed again: its
+        complete unit, or exactly this partial unit, is committed."""
         units = self.committed_units() if units is None else units
         complete = units.get(shard_id)
-        return (complete is not None and complete["complete"]) or unit_id(shard_id, max_docs) in units
+        if complete is not None and complete["complete"]:
+            return True
+        return unit_id(shard_id, max_docs) in units
 
-    # -------------------------------------------------------------------------------------------- write
+    # ---------------------------------------------------------------------------------------- write
     def write_shard(self, shard_id: str, tables: dict[str, pa.Table], record: dict,
                     max_docs: int | None = None) -> dict:
-        """Publish a shard's tables, then its commit record (LAST). Tables of the four known kinds that are
-        missing are written empty, with their schema. `record` (counts, funnel {tool: {key: n}}, timings
-        {stage: s}, shard info) goes into the commit record. Returns the commit record.
+        """Publish a shard's tables, then its commit record (LAST). Tables of the four known kinds
+        that are missing are written empty, with their schema. `record` (counts, funnel {tool:
+        {key: n}}, timings {stage: s}, shard info) goes into the commit record. Returns the
+        commit record.
 
-        A complete commit supersedes the shard's partial units, which are then deleted (commit records first,
-        so no reader ever sees both); likewise a partial commit supersedes smaller partial ones."""
+        A complete commit supersedes the shard's partial units, which are then deleted (commit
+        records first, so no reader ever sees both); likewise a partial commit supersedes smaller
+        partial ones."""
         unit = unit_id(shard_id, max_docs)
         if max_docs is not None and self.is_done(shard_id, units=self.committed_units(shard_id)):
-            raise ValueError(f"shard {shard_id} is already committed complete; a partial commit would hide nothing "
-                             "but waste work")
+            raise ValueError(f"shard {shard_id} is already committed complete; a partial commit "
+                             "would hide nothing but waste work")
         names = list(dict.fromkeys([*TABLE_SCHEMAS, *tables]))
         files, rows = {}, {}
         for name in names:
@@ -232,11 +244,13 @@ class OutputStore:
                         self.fs.rm_file(self.path(rel))
 
     def remove_uncommitted(self) -> list[str]:
-        """Delete table files that no committed unit references (leftovers of killed runs, superseded
-        partial units) and temporary files. Run it only when no other run writes to this version."""
-        referenced = {self.path(rel) for r in self.committed_units().values() for rel in r["files"].values()}
+        """Delete table files that no committed unit references (leftovers of killed runs,
+        superseded partial units) and temporary files. Run it only when no other run writes to
+        this version."""
+        units = self.committed_units().values()
+        referenced = {self.path(rel) for r in units for rel in r["files"].values()}
         removed = []
-        for name in {*TABLE_SCHEMAS, *(n for r in self.committed_units().values() for n in r["files"])}:
+        for name in {*TABLE_SCHEMAS, *(n for r in units for n in r["files"])}:
             directory = self.path(name)
             self.fs.invalidate_cache(directory)
             if not self.fs.isdir(directory):
@@ -249,15 +263,18 @@ class OutputStore:
                     removed.append(path)
         return removed
 
-    # --------------------------------------------------------------------------------------------- read
+    # ----------------------------------------------------------------------------------------- read
     def table_files(self, name: str) -> list[str]:
-        """URIs of the committed files of a table (for datasets.load_dataset("parquet", data_files=...))."""
-        return [self.uri(r["files"][name]) for r in self.readable_units().values() if name in r["files"]]
+        """URIs of the committed files of a table (for datasets.load_dataset("parquet",
+        data_files=...))."""
+        units = self.readable_units().values()
+        return [self.uri(r["files"][name]) for r in units if name in r["files"]]
 
     def read_table(self, name: str, columns: list[str] | None = None, filter=None) -> pa.Table:
-        """A table over the committed shards only (uncommitted leftovers are never read); `columns` and
-        `filter` (a pyarrow.compute expression) are pushed down to the Parquet reader."""
-        paths = [self.path(r["files"][name]) for r in self.readable_units().values() if name in r["files"]]
+        """A table over the committed shards only (uncommitted leftovers are never read); `columns`
+        and `filter` (a pyarrow.compute expression) are pushed down to the Parquet reader."""
+        units = self.readable_units().values()
+        paths = [self.path(r["files"][name]) for r in units if name in r["files"]]
         schema = TABLE_SCHEMAS.get(name)
         if not paths:
             if schema is None:
@@ -267,7 +284,7 @@ class OutputStore:
         dataset = pads.dataset(paths, format="parquet", filesystem=filesystem, schema=schema)
         return dataset.to_table(columns=columns, filter=filter)
 
-    # --------------------------------------------------------------------------------- small JSON files
+    # ----------------------------------------------------------------------------- small JSON files
     def write_json(self, rel: str, data: Any) -> None:
         put_bytes(self.fs, self.path(rel), json.dumps(data, indent=1, default=str).encode())
 
@@ -306,10 +323,11 @@ def _rank(record: dict) -> tuple[int, int]:
     return (1, 0) if record["complete"] else (0, record.get("max_docs") or 0)
 
 
-# ---------------------------------------------------------------------------------------------- manifest
+# ----------------------------------------------------------------------------------------- manifest
 
 def sum_funnels(records: list[dict]) -> dict[str, dict[str, int]]:
-    """Funnel counts {tool: {key: n}} summed over commit records (FUNNEL_KEYS first, any others after)."""
+    """Funnel counts {tool: {key: n}} summed over commit records (FUNNEL_KEYS first, any others
+    after)."""
     total: dict[str, dict[str, int]] = {}
     for record in records:
         for tool, counts in (record.get("funnel") or {}).items():
