@@ -55,7 +55,7 @@ class LMWorker:
         import torch
 
         from toolformer_ray.core.annotate import Annotator
-        from toolformer_ray.models import load_model, resolve_on_node
+        from toolformer_ray.models import ModelError, load_model, resolve_on_node
         from toolformer_ray.tools import build_tools
 
         _fault("hang_init")
@@ -64,12 +64,23 @@ class LMWorker:
             torch.set_num_threads(torch_threads)
         cfg = Config.model_validate(cfg_json)
         device = _lm_device(cfg.ray.lm_actor_gpus)
+        spec = model if isinstance(model, dict) else None
         if isinstance(model, dict):
             model = str(resolve_on_node(model["source"], model["cache_dir"], model["tiny_seed"],
                                         model["revision"]))
         lm = load_model(model, cfg.model.dtype, cfg.model.cache_dir, device=device)
         # Tools here only give prompts and pre-filters; their resources load on the tool workers.
-        self.annotator = Annotator.from_config(lm, build_tools(cfg.enabled_tools()), cfg)
+        tools = build_tools(cfg.enabled_tools())
+        self.annotator = Annotator.from_config(lm, tools, cfg)
+        self.sampler = self.annotator
+        if cfg.sampling.model:  # bootstrapping: another model samples, this one's losses decide
+            rev = spec.get("sampler_revision") if spec else None
+            path = resolve_on_node(cfg.sampling.model, cfg.model.cache_dir, cfg.model.tiny_seed, rev)
+            slm = load_model(str(path), cfg.model.dtype, cfg.model.cache_dir, device=device)
+            if slm.tokenizer.get_vocab() != lm.tokenizer.get_vocab():
+                raise ModelError(f"sampling.model {cfg.sampling.model} has another tokenizer than "
+                                 f"model.path {cfg.model.path}: calls are scored as token ids")
+            self.sampler = Annotator.from_config(slm, tools, cfg)
 
     def ready(self) -> dict:
         """Where this actor runs, and the attention path its model is served by
@@ -81,7 +92,7 @@ class LMWorker:
     def sample(self, docs: list[Document]):
         _fault("hang_sample")
         t = time.perf_counter()
-        result = self.annotator.sample(docs)
+        result = self.sampler.sample(docs)
         return result, time.perf_counter() - t
 
     def score(self, docs: list[Document], candidates: list[Candidate]):
@@ -460,12 +471,16 @@ def _check_local_resources(cfg: Config, tools_cfg: dict) -> None:
 
 
 def _model_info(model_dir: str, cfg: Config) -> dict:
-    from toolformer_ray.models import directory_revision
+    from toolformer_ray.models import directory_revision, resolve_model_dir
 
     # An s3:// model is named by its URI (the driver's cache path means nothing on other nodes).
     path = cfg.model.path if "://" in cfg.model.path else model_dir
-    return {"path": path, "requested": cfg.model.path, "revision": directory_revision(model_dir),
+    info = {"path": path, "requested": cfg.model.path, "revision": directory_revision(model_dir),
             "dtype": cfg.model.dtype}
+    if cfg.sampling.model:  # the model that sampled the calls (bootstrapping); losses: `path`'s
+        sampler = resolve_model_dir(cfg.sampling.model, cfg.model.cache_dir, cfg.model.tiny_seed)
+        info["sampler"] = {"path": cfg.sampling.model, "revision": directory_revision(sampler)}
+    return info
 
 
 def _model_spec(cfg: Config, model: dict) -> dict:
@@ -476,7 +491,8 @@ def _model_spec(cfg: Config, model: dict) -> dict:
     if source not in ("default", "tiny") and "://" not in source:
         source = str(Path(source).expanduser().resolve())
     return {"source": source, "cache_dir": cfg.model.cache_dir, "tiny_seed": cfg.model.tiny_seed,
-            "revision": model["revision"]}
+            "revision": model["revision"],
+            "sampler_revision": model.get("sampler", {}).get("revision")}
 
 
 def _lm_actor_count(cfg: Config) -> int:
@@ -530,6 +546,9 @@ def run_generate(cfg: Config, use_ray: bool = True, progress: bool = True) -> Ge
     started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     cfg = cfg.model_copy(deep=True)
     cfg.model.cache_dir = str(Path(cfg.model.cache_dir).resolve())
+    sampler = cfg.sampling.model
+    if sampler and sampler not in ("default", "tiny") and "://" not in sampler:
+        cfg.sampling.model = str(Path(sampler).expanduser().resolve())  # the same on every node
     # The driver resolves the model for its tokenizer and the revision every actor must match; the
     # actors resolve it again on their own nodes (RayBackend), never from this directory.
     model_dir = str(resolve_model_dir(cfg.model.path, cfg.model.cache_dir, cfg.model.tiny_seed))
