@@ -19,7 +19,11 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/python -m toolformer_ray.demo --config configs/local.yaml
+	$(BIN)/python -m toolformer_ray.demo --config configs/demo.yaml
+
+# The longer run behind README's learning-outcome table (resumable: rerun after an interruption).
+learning-outcome: $(STAMP)
+	$(BIN)/python benchmarks/learning_outcome.py --work runs/learning_outcome
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

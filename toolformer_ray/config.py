@@ -84,6 +84,9 @@ class CorpusConfig(Section):
 
 
 class SamplingConfig(Section):
+    # The model that samples candidate calls (default: model.path). Iterative bootstrapping: a model
+    # fine-tuned on round 1 samples; model.path's losses still keep or drop each call.
+    model: str | None = None
     temperature: float = Field(1.0, ge=0.0)  # 0 = greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_call_tokens: int = Field(40, gt=0)  # a call that has not closed by then is malformed

@@ -201,6 +201,9 @@ def run_generate(cfg: Config, use_ray: bool = True, progress: bool = True) -> Ge
 def _plan(cfg: Config, use_ray: bool) -> Plan:
     cfg = cfg.model_copy(deep=True)
     cfg.model.cache_dir = str(Path(cfg.model.cache_dir).resolve())
+    sampler = cfg.sampling.model
+    if sampler and sampler not in ("default", "tiny") and "://" not in sampler:
+        cfg.sampling.model = str(Path(sampler).expanduser().resolve())  # the same on every node
     # The driver resolves the model for its tokenizer and the revision every actor must match; the
     # actors resolve it again on their own nodes (RayBackend), never from this directory.
     model_dir = str(resolve_model_dir(cfg.model.path, cfg.model.cache_dir, cfg.model.tiny_seed))
@@ -248,8 +251,12 @@ def _plan(cfg: Config, use_ray: bool) -> Plan:
 def _model_info(model_dir: str, cfg: Config) -> dict:
     # An s3:// model is named by its URI (the driver's cache path means nothing on other nodes).
     path = cfg.model.path if "://" in cfg.model.path else model_dir
-    return {"path": path, "requested": cfg.model.path, "revision": directory_revision(model_dir),
+    info = {"path": path, "requested": cfg.model.path, "revision": directory_revision(model_dir),
             "dtype": cfg.model.dtype}
+    if cfg.sampling.model:  # the model that sampled the calls (bootstrapping); losses: `path`'s
+        sampler = resolve_model_dir(cfg.sampling.model, cfg.model.cache_dir, cfg.model.tiny_seed)
+        info["sampler"] = {"path": cfg.sampling.model, "revision": directory_revision(sampler)}
+    return info
 
 
 def _hash_with_env(env: dict[str, str], uris: list[str]) -> list[str]:
@@ -321,7 +328,8 @@ def _model_spec(cfg: Config, model: dict) -> dict:
     if source not in ("default", "tiny") and "://" not in source:
         source = str(Path(source).expanduser().resolve())
     return {"source": source, "cache_dir": cfg.model.cache_dir, "tiny_seed": cfg.model.tiny_seed,
-            "revision": model["revision"]}
+            "revision": model["revision"],
+            "sampler_revision": model.get("sampler", {}).get("revision")}
 
 
 # ------------------------------------------------------------------------------ manifest, report

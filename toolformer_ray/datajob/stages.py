@@ -110,12 +110,23 @@ class LMStage:
             torch.set_num_threads(torch_threads)
         cfg = Config.model_validate(cfg_json)
         device = lm_device(cfg.ray.lm_actor_gpus)
+        spec = model if isinstance(model, dict) else {}
         if isinstance(model, dict):
             model = str(resolve_on_node(model["source"], model["cache_dir"], model["tiny_seed"],
                                         model["revision"]))
         lm = load_model(model, cfg.model.dtype, cfg.model.cache_dir, device=device)
         # Tools here only give prompts and pre-filters; their resources load on the tool workers.
-        self.annotator = Annotator.from_config(lm, build_tools(cfg.enabled_tools()), cfg)
+        tools = build_tools(cfg.enabled_tools())
+        self.annotator = Annotator.from_config(lm, tools, cfg)
+        self.sampler = self.annotator
+        if cfg.sampling.model:  # bootstrapping: another model samples, this one's losses decide
+            path = resolve_on_node(cfg.sampling.model, cfg.model.cache_dir, cfg.model.tiny_seed,
+                                   spec.get("sampler_revision"))
+            slm = load_model(str(path), cfg.model.dtype, cfg.model.cache_dir, device=device)
+            if slm.tokenizer.get_vocab() != lm.tokenizer.get_vocab():
+                raise ModelError(f"sampling.model {cfg.sampling.model} has another tokenizer than "
+                                 f"model.path {cfg.model.path}: calls are scored as token ids")
+            self.sampler = Annotator.from_config(slm, tools, cfg)
 
     def ready(self) -> dict:
         """Where this stage runs, and the attention path its model is served by
@@ -125,7 +136,7 @@ class LMStage:
     def sample(self, docs: list[Document]) -> Sampled:
         _fault("hang_sample")
         t = time.perf_counter()
-        r = self.annotator.sample(docs)
+        r = self.sampler.sample(docs)
         return Sampled(r.candidates, r.funnel, r.p_api, time.perf_counter() - t)
 
     def score(self, docs: list[Document], candidates: list[Candidate],
