@@ -1,20 +1,22 @@
-"""Does the pipeline's own output teach the default model to use the calculator on problems unlike its
-training text?  `make learning-outcome` runs it; every step resumes where it stopped.
+"""Does the pipeline's own output teach the default model to use the calculator on problems unlike
+its training text?  `make learning-outcome` runs it; every step resumes where it stopped.
 
     .venv/bin/python benchmarks/learning_outcome.py [--work runs/learning_outcome] [--rounds 2]
 
 1. input: generated arithmetic prose (toolformer_ray/evaluation/arithmetic.py: narratives, receipts,
-   worked explanations; never the evaluation prompts' "Question: ... Answer:" form) plus the documents
-   of ../shared/data/corpus/annotation_corpus.jsonl that pass the calculator's pre-filter;
-2. generate: sample, execute and filter calculator calls with SmolLM2-135M (configs/learning_outcome.yaml);
-3. finetune: DeepSpeed under Ray Train on the augmented documents plus original text (the paper's mix),
-   the exported checkpoint chosen by dev perplexity with calls disabled;
+   worked explanations; never the evaluation prompts' "Question: ... Answer:" form) plus the
+   documents of ../shared/data/corpus/annotation_corpus.jsonl that pass the calculator's pre-filter;
+2. generate: sample, execute and filter calculator calls with SmolLM2-135M
+(configs/learning_outcome.yaml);
+3. finetune: DeepSpeed under Ray Train on the augmented documents plus original text (the paper's
+   mix), the exported checkpoint chosen by dev perplexity with calls disabled;
 4. round 2 (--rounds 2, iterative bootstrapping): the round-1 model samples the calls
-   (`sampling.model`), which are executed and kept by the same criterion with the BASE model's losses,
-   on fresh documents; the base model is fine-tuned on both rounds' output;
-5. eval: base vs fine-tuned, tools off and on, on evaluation sets at stated distances from the training
-   text (arithmetic.EVAL_SETS, MAWPS, GSM8K) and perplexity on held-out plain corpus text.
-The figures go to <work>/summary.json and summary.md; --publish copies the JSON to benchmarks/results/.
+   (`sampling.model`), which are executed and kept by the same criterion with the BASE model's
+   losses, on fresh documents; the base model is fine-tuned on both rounds' output;
+5. eval: base vs fine-tuned, tools off and on, on evaluation sets at stated distances from the
+   training text (arithmetic.EVAL_SETS, MAWPS, GSM8K) and perplexity on held-out plain corpus text.
+The figures go to <work>/summary.json and summary.md; --publish copies the JSON to
+benchmarks/results/.
 """
 from __future__ import annotations
 
@@ -25,11 +27,16 @@ import time
 from pathlib import Path
 
 from toolformer_ray.config import load_config
+from toolformer_ray.datajob.run import run_generate
 from toolformer_ray.evaluation import run_eval
-from toolformer_ray.evaluation.arithmetic import EVAL_SETS, eval_set, training_documents, write_jsonl
+from toolformer_ray.evaluation.arithmetic import (
+    EVAL_SETS,
+    eval_set,
+    training_documents,
+    write_jsonl,
+)
 from toolformer_ray.evaluation.outcome import outcome_markdown, outcome_rows, transcripts
 from toolformer_ray.finetune import run_finetune
-from toolformer_ray.datajob.run import run_generate
 from toolformer_ray.tools.calculator import calculator_prefilter
 
 ROOT = Path(__file__).resolve().parents[1]

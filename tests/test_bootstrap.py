@@ -1,5 +1,5 @@
-"""Iterative bootstrapping: another model samples the calls (`sampling.model`), the configured model's
-losses keep or drop them, so the criterion stays the paper's."""
+"""Iterative bootstrapping: another model samples the calls (`sampling.model`), the configured
+model's losses keep or drop them, so the criterion stays the paper's."""
 from __future__ import annotations
 
 import json
@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
+from caller_model import caller_model_dir, corpus_records
 
 from toolformer_ray.config import load_config
+from toolformer_ray.core.reference import loss_ref
 from toolformer_ray.datajob.run import run_generate
 from toolformer_ray.models import load_model, tiny_model_dir
 from toolformer_ray.verify import verify_output
-
-from caller_model import caller_model_dir, corpus_records
-from toolformer_ray.core.reference import loss_ref
 
 ROOT = Path(__file__).resolve().parents[1]
 

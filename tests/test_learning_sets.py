@@ -1,12 +1,12 @@
-"""The learning-outcome evaluation sets are what they claim: out-of-distribution sets share no wording
-with the training text, every gold answer is right, and the intervals are Wilson's."""
+"""The learning-outcome evaluation sets are what they claim: out-of-distribution sets share no
+wording with the training text, every gold answer is right, and the intervals are Wilson's."""
 from __future__ import annotations
 
 import re
 
 import pytest
 
-from toolformer_ray.evaluation.arithmetic import EVAL_SETS, eval_set, training_documents
+from toolformer_ray.evaluation.arithmetic import eval_set, training_documents
 from toolformer_ray.evaluation.metrics import math_correct
 from toolformer_ray.evaluation.outcome import outcome_markdown, outcome_rows, wilson
 from toolformer_ray.evaluation.report import EvalRow

@@ -1,9 +1,9 @@
-"""`make demo`: does the pipeline's own output teach the model to call the calculator on problems of a
-form it never saw?
+"""`make demo`: does the pipeline's own output teach the model to call the calculator on problems of
+a form it never saw?
 
-input -> generate (Ray) -> finetune (DeepSpeed under Ray Train) -> eval (base vs fine-tuned, tools on
-and off, on held-out word problems whose templates, names, units and number ranges never occur in the
-training text) -> a before/after table and transcripts with the call and its result inline.
+input -> generate (Ray) -> finetune (DeepSpeed under Ray Train) -> eval (base vs fine-tuned, tools
+on and off, on held-out word problems whose templates, names, units and number ranges never occur in
+the training text) -> a before/after table and transcripts with the call and its result inline.
 Sizes come from the config (configs/demo.yaml) so that it fits a 2-core laptop.
 """
 from __future__ import annotations
@@ -14,11 +14,16 @@ import time
 from pathlib import Path
 
 from toolformer_ray.config import load_config
+from toolformer_ray.datajob.run import run_generate
 from toolformer_ray.evaluation import run_eval
-from toolformer_ray.evaluation.arithmetic import EVAL_SETS, eval_set, training_documents, write_jsonl
+from toolformer_ray.evaluation.arithmetic import (
+    EVAL_SETS,
+    eval_set,
+    training_documents,
+    write_jsonl,
+)
 from toolformer_ray.evaluation.outcome import outcome_markdown, outcome_rows, transcripts
 from toolformer_ray.finetune import run_finetune
-from toolformer_ray.datajob.run import run_generate
 from toolformer_ray.tools.calculator import calculator_prefilter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +98,8 @@ def main() -> None:
         f"run report:               {gen.report}",
         f"fine-tuned model:         {ft.model_dir}",
         f"evaluation:               {cfg.eval.output}/results.md",
-        f"next: toolformer-ray infer --model {ft.model_dir} \"What is 27 times 14?\" --tool Calculator",
+        f"next: toolformer-ray infer --model {ft.model_dir} \"What is 27 times 14?\" "
+        "--tool Calculator",
     ]))
 
 

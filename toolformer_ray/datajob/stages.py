@@ -202,8 +202,8 @@ class ToolCalls:
 
 
 class ToolStage:
-    """The execute stage: the calls of a batch go to the tool executor (tools/executor.py), which runs
-    them with its dedup, cache, batching, deadlines and retries; their results come back in
+    """The execute stage: the calls of a batch go to the tool executor (tools/executor.py), which
+    runs them with its dedup, cache, batching, deadlines and retries; their results come back in
     order."""
 
     def __init__(self, executor, cfg: Config):

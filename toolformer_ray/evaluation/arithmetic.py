@@ -1,20 +1,23 @@
-"""Synthetic arithmetic text to annotate, and evaluation sets that say how far what was learned carries.
+"""Synthetic arithmetic text to annotate, and evaluation sets that say how far what was learned
+carries.
 
 Training text (`training_documents`): short prose in which a number is the result of an operation on
-numbers written before it: narratives, shop receipts, worked explanations ("subtract: 250 - 75 leaves
-175"), with one-step operations (+ - * /) and two compound shapes (a * b + c, (a + b) * c). It never
-uses a "Question: ... Answer:" pair, the format of the evaluation prompts, nor the words of the
-evaluation templates.
+numbers written before it: narratives, shop receipts, worked explanations ("subtract: 250 - 75
+leaves 175"), with one-step operations (+ - * /) and two compound shapes (a * b + c, (a + b) * c).
+It never uses a "Question: ... Answer:" pair, the format of the evaluation prompts, nor the words of
+the evaluation templates.
 
-Evaluation sets (GSM8K's jsonl format, {"question", "answer": "... #### N"}), each with its distance from
-the training text (`EVAL_SETS`):
-- `near`: the training text's operations, number ranges, names and items, asked as a question (a form
-  the training text never has): NEAR distribution.
-- `one_step`: one operation, other templates, other names and units, other number ranges (4-digit sums
-  and differences, 2-digit x 2-digit products, 3-digit quotients): OUT of distribution.
-- `multi_digit`: products of a 3-digit and a 2- or 3-digit number, decimal prices: OUT of distribution.
-- `compound`: means of 3-4 numbers, percentages, discounts, rates, change after a purchase: expressions
-  of shapes the training text never has; one call must hold the whole expression: OUT of distribution.
+Evaluation sets (GSM8K's jsonl format, {"question", "answer": "... #### N"}), each with its distance
+from the training text (`EVAL_SETS`):
+- `near`: the training text's operations, number ranges, names and items, asked as a question (a
+  form the training text never has): NEAR distribution.
+- `one_step`: one operation, other templates, other names and units, other number ranges (4-digit
+  sums and differences, 2-digit x 2-digit products, 3-digit quotients): OUT of distribution.
+- `multi_digit`: products of a 3-digit and a 2- or 3-digit number, decimal prices: OUT of
+  distribution.
+- `compound`: means of 3-4 numbers, percentages, discounts, rates, change after a purchase:
+  expressions of shapes the training text never has; one call must hold the whole expression: OUT of
+  distribution.
 MAWPS and GSM8K (../shared/data/eval) are public sets written by other people: OUT of distribution.
 """
 from __future__ import annotations
@@ -30,7 +33,7 @@ EVAL_NAMES = ["Maria", "Noah", "Olivia", "Peter", "Quinn", "Rosa", "Sam", "Tina"
 EVAL_ITEMS = ["oranges", "cards", "toys", "balloons", "candies", "flowers"]
 
 
-# ------------------------------------------------------------------------------------- training text
+# ------------------------------------------------------------------------------------ training text
 def _one_step(rng: random.Random) -> tuple[int, str, int, int]:
     """(a, op, b, result) in the training ranges, with an exact result."""
     op = rng.choice("+-*/")
@@ -80,7 +83,8 @@ def _two_step(rng: random.Random, names, items) -> str:
         return rng.choice([f"{n} had {a} bags of {b} {it} and {c} loose ones, {r} {it} in all.",
                            f"{a} boxes of {b} {it} plus {c} more make {r} {it}."])
     r = (a + b) * c
-    return rng.choice([f"{n} packed {a} crates on Monday and {b} on Tuesday, {c} {it} in each crate, "
+    return rng.choice([f"{n} packed {a} crates on Monday and {b} on Tuesday, "
+                       f"{c} {it} in each crate, "
                        f"so {r} {it} were packed.",
                        f"With {a} red and {b} blue jars of {c} {it} each there are {r} {it}."])
 
@@ -92,18 +96,20 @@ def training_documents(n: int, seed: int = 0) -> list[dict]:
     for i in range(n):
         parts = [(_two_step if rng.random() < 0.25 else _narrative)(rng, TRAIN_NAMES, TRAIN_ITEMS)
                  for _ in range(rng.randint(1, 3))]
-        docs.append({"id": f"arith-{seed}-{i}", "text": " ".join(parts), "source": "generated-arithmetic"})
+        docs.append({"id": f"arith-{seed}-{i}", "text": " ".join(parts),
+                     "source": "generated-arithmetic"})
     return docs
 
 
-# ------------------------------------------------------------------------------------ evaluation sets
+# ---------------------------------------------------------------------------------- evaluation sets
 def _near(rng: random.Random) -> tuple[str, float]:
     a, op, b, r = _one_step(rng)
     n, it = rng.choice(TRAIN_NAMES), rng.choice(TRAIN_ITEMS)
     q = {"+": f"{n} has {a} {it} and buys {b} more. How many {it} does {n} have now?",
          "-": f"{n} has {a} {it} and gives {b} of them away. How many {it} does {n} have left?",
          "*": f"{n} buys {a} packs with {b} {it} in each pack. How many {it} does {n} buy?",
-         "/": f"{n} shares {a} {it} equally among {b} friends. How many {it} does each friend get?"}[op]
+         "/": f"{n} shares {a} {it} equally among {b} friends. "
+              f"How many {it} does each friend get?"}[op]
     return q, r
 
 
@@ -121,7 +127,8 @@ def _one_step_ood(rng: random.Random) -> tuple[str, float]:
         b = rng.randint(1000, a - 1)
         q = rng.choice([f"A stadium seats {a} people and {b} tickets are sold. How many seats are "
                         f"still free?",
-                        f"{n}'s savings account held {a} euros before a withdrawal of {b} euros. What "
+                        f"{n}'s savings account held {a} euros before a withdrawal of {b} euros. "
+                        f"What "
                         f"is the balance?"])
         return q, a - b
     if op == "*":
@@ -176,7 +183,8 @@ def _compound(rng: random.Random) -> tuple[str, float]:
                 f"does it go in {later} hours?", speed * later)
     k, price = rng.randint(2, 9), rng.randint(3, 19)
     paid = (k * price // 10 + 1 + rng.randint(0, 3)) * 10
-    return (f"{n} picks {k} notebooks costing {price} dollars apiece and hands over {paid} dollars. "
+    return (f"{n} picks {k} notebooks costing {price} dollars apiece and hands over "
+            f"{paid} dollars. "
             f"How much change comes back?", paid - k * price)
 
 

@@ -1,5 +1,6 @@
-"""The learning outcome as one table: base vs fine-tuned, tools off and on, per evaluation set, with each
-set's distance from the training text, its n and 95 % intervals; plus a few transcripts to read."""
+"""The learning outcome as one table: base vs fine-tuned, tools off and on, per evaluation set, with
+each set's distance from the training text, its n and 95 % intervals; plus a few transcripts to
+read."""
 from __future__ import annotations
 
 import json
@@ -24,7 +25,8 @@ def _cell(k: int, n: int) -> str:
     return f"{100 * k / n:.0f}% [{100 * lo:.0f}-{100 * hi:.0f}]"
 
 
-def outcome_rows(rows: list[EvalRow], distributions: dict[str, str], base: str, tuned: str) -> list[dict]:
+def outcome_rows(rows: list[EvalRow], distributions: dict[str, str], base: str,
+                 tuned: str) -> list[dict]:
     """One record per data set: n, correct and calls for (model, mode), perplexity rows apart."""
     by = {(r.data, r.model, r.mode): r for r in rows}
     out = []
@@ -46,7 +48,8 @@ def outcome_rows(rows: list[EvalRow], distributions: dict[str, str], base: str, 
 
 
 def outcome_markdown(records: list[dict]) -> str:
-    lines = ["| set | distribution | n | base, tools off | base, tools on | fine-tuned, tools off | "
+    lines = ["| set | distribution | n | base, tools off | base, tools on | "
+             "fine-tuned, tools off | "
              "fine-tuned, tools on | fine-tuned: with call |",
              "|---|---|---:|---|---|---|---|---:|"]
     for rec in records:
