@@ -41,7 +41,9 @@ def write_input(cfg, corpus: Path, n_corpus: int, n_generated: int) -> str:
     records = [json.loads(line) for line in corpus.open()]
     kept = [r for r in records if calculator_prefilter(r["text"], r["id"])][:n_corpus]
     write_jsonl(out / "corpus.jsonl", kept)
-    write_jsonl(out / "generated_arithmetic.jsonl", training_documents(n_generated, seed=0))
+    # three sentences a document: more results to annotate for each document's fixed cost
+    write_jsonl(out / "generated_arithmetic.jsonl",
+                training_documents(n_generated, seed=0, sentences=(3, 3)))
     return f"{len(kept)} bundled documents (calculator pre-filter), {n_generated} generated ones"
 
 
@@ -50,8 +52,8 @@ def main() -> None:
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="key.path=value")
     ap.add_argument("--corpus", default=str(ROOT / "data/demo_corpus.jsonl"))
-    ap.add_argument("--corpus-docs", type=int, default=24, help="pre-filtered corpus documents")
-    ap.add_argument("--generated", type=int, default=96, help="generated arithmetic documents")
+    ap.add_argument("--corpus-docs", type=int, default=8, help="pre-filtered corpus documents")
+    ap.add_argument("--generated", type=int, default=120, help="generated arithmetic documents")
     ap.add_argument("--eval-n", type=int, default=40, help="held-out problems per evaluation set")
     args = ap.parse_args()
     cfg = load_config(args.config, args.overrides)

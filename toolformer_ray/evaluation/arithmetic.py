@@ -89,13 +89,14 @@ def _two_step(rng: random.Random, names, items) -> str:
                        f"With {a} red and {b} blue jars of {c} {it} each there are {r} {it}."])
 
 
-def training_documents(n: int, seed: int = 0) -> list[dict]:
-    """Arithmetic prose to annotate: 1-3 sentences per document (train names and items)."""
+def training_documents(n: int, seed: int = 0, sentences: tuple[int, int] = (1, 3)) -> list[dict]:
+    """Arithmetic prose to annotate: sentences[0] to sentences[1] sentences per document (train
+    names and items)."""
     rng = random.Random(seed)
     docs = []
     for i in range(n):
         parts = [(_two_step if rng.random() < 0.25 else _narrative)(rng, TRAIN_NAMES, TRAIN_ITEMS)
-                 for _ in range(rng.randint(1, 3))]
+                 for _ in range(rng.randint(*sentences))]
         docs.append({"id": f"arith-{seed}-{i}", "text": " ".join(parts),
                      "source": "generated-arithmetic"})
     return docs
