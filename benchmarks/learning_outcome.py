@@ -51,11 +51,11 @@ def main() -> None:
     ap.add_argument("--work", default="runs/learning_outcome")
     ap.add_argument("--config", default=str(ROOT / "configs/learning_outcome.yaml"))
     ap.add_argument("--shared", default=str(ROOT.parent / "shared/data"))
-    ap.add_argument("--generated", type=int, default=600, help="generated documents per round")
-    ap.add_argument("--corpus-docs", type=int, default=200,
+    ap.add_argument("--generated", type=int, default=240, help="generated documents per round")
+    ap.add_argument("--corpus-docs", type=int, default=16,
                     help="pre-filtered corpus documents per round")
-    ap.add_argument("--rounds", type=int, default=2, choices=[1, 2])
-    ap.add_argument("--eval-n", type=int, default=200, help="examples per evaluation set")
+    ap.add_argument("--rounds", type=int, default=1, choices=[1, 2])
+    ap.add_argument("--eval-n", type=int, default=100, help="examples per evaluation set")
     ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: config)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="key.path=value")
     ap.add_argument("--publish", default=None,
