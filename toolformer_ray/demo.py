@@ -24,6 +24,7 @@ from toolformer_ray.evaluation.arithmetic import (
 )
 from toolformer_ray.evaluation.outcome import outcome_markdown, outcome_rows, transcripts
 from toolformer_ray.finetune import run_finetune
+from toolformer_ray.ray_session import ensure_ray
 from toolformer_ray.tools.calculator import calculator_prefilter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,9 +42,8 @@ def write_input(cfg, corpus: Path, n_corpus: int, n_generated: int) -> str:
     records = [json.loads(line) for line in corpus.open()]
     kept = [r for r in records if calculator_prefilter(r["text"], r["id"])][:n_corpus]
     write_jsonl(out / "corpus.jsonl", kept)
-    # three sentences a document: more results to annotate for each document's fixed cost
     write_jsonl(out / "generated_arithmetic.jsonl",
-                training_documents(n_generated, seed=0, sentences=(3, 3)))
+                training_documents(n_generated, seed=0, sentences=(1, 2)))
     return f"{len(kept)} bundled documents (calculator pre-filter), {n_generated} generated ones"
 
 
@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="key.path=value")
     ap.add_argument("--corpus", default=str(ROOT / "data/demo_corpus.jsonl"))
     ap.add_argument("--corpus-docs", type=int, default=8, help="pre-filtered corpus documents")
-    ap.add_argument("--generated", type=int, default=120, help="generated arithmetic documents")
+    ap.add_argument("--generated", type=int, default=400, help="generated arithmetic documents")
     ap.add_argument("--eval-n", type=int, default=40, help="held-out problems per evaluation set")
     args = ap.parse_args()
     cfg = load_config(args.config, args.overrides)
@@ -62,6 +62,10 @@ def main() -> None:
 
     banner("1/4 input: documents to annotate")
     print(write_input(cfg, Path(args.corpus), args.corpus_docs, args.generated))
+
+    # One local Ray for both stages (each would otherwise start and stop its own); the dashboard is
+    # on because Ray Train's placement-group cleaner polls the state API.
+    ensure_ray(cfg.ray.address, cfg.ray.num_cpus, dashboard=True)
 
     banner("2/4 generate: sample, execute and filter calculator calls (Ray, local)")
     t = time.time()
