@@ -93,7 +93,7 @@ def main() -> None:
     dist = {k: EVAL_SETS[k][1] for k in kinds}
     print(outcome_markdown(outcome_rows(report.rows, dist, cfg.model.path, tuned)))
     print("\nThe fine-tuned model on held-out problems (tools on; the call and its result inline):")
-    for text in transcripts(cfg.eval.output, tuned, "one_step") + \
+    for text in transcripts(cfg.eval.output, tuned, "one_step", k=2) + \
             transcripts(cfg.eval.output, tuned, "compound", k=1):
         print("\n" + text)
 
