@@ -1,4 +1,5 @@
-"""Small file-system helpers shared by storage, models, the corpus reader, the index and fine-tuning."""
+"""Small file-system helpers shared by storage, models, the corpus reader, the index and
+fine-tuning."""
 from __future__ import annotations
 
 import hashlib
@@ -28,7 +29,8 @@ def local_abs(uri: str) -> str:
 
 
 def sha256_file(path, fs=None, h=None):
-    """Feed a file (local, or on `fs`) into `h` (a new sha256 if None) block by block; returns `h`."""
+    """Feed a file (local, or on `fs`) into `h` (a new sha256 if None) block by block; returns
+    `h`."""
     h = h or hashlib.sha256()
     opener = fs.open if fs is not None else open
     with opener(path, "rb") as f:
@@ -38,8 +40,8 @@ def sha256_file(path, fs=None, h=None):
 
 
 def publish_dir(tmp: Path, target: Path, replace: bool = False, marker: str = "revision.json") -> None:
-    """Rename a finished temporary directory into place; a concurrent writer that got there first wins
-    (its directory holds `marker`)."""
+    """Rename a finished temporary directory into place; a concurrent writer that got there first
+    wins (its directory holds `marker`)."""
     if replace and target.exists():
         shutil.rmtree(target, ignore_errors=True)
     try:

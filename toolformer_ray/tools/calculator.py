@@ -2,10 +2,11 @@
 
 The expression is parsed by a small recursive-descent parser (never eval): numbers become exact
 `Fraction`s, so 0.1 + 0.2 is 0.3 and the only rounding is the final one (half away from zero, as a
-person rounds; the paper's `round(float, 2)` rounds the binary float half-to-even, which differs only on
-exact ties such as 0.125). Every resource is bounded: input length, digits per number, nesting depth,
-operator count, the size of every intermediate value and a wall-clock budget, so no input can hang a
-worker or blow up memory. Bad input gives None ("no result"), with the reason in `diagnose`.
+person rounds; the paper's `round(float, 2)` rounds the binary float half-to-even, which differs
+only on exact ties such as 0.125). Every resource is bounded: input length, digits per number,
+nesting depth, operator count, the size of every intermediate value and a wall-clock budget, so no
+input can hang a worker or blow up memory. Bad input gives None ("no result"), with the reason in
+`diagnose`.
 """
 from __future__ import annotations
 
@@ -170,7 +171,8 @@ class CalculatorOptions(ToolOptions):
     time_limit_s: float = Field(0.5, gt=0)  # CPU seconds per input (a safety net: inputs are short)
     # Pre-filter (appendix A.1).
     window_tokens: int = Field(100, gt=2)  # whitespace tokens that must span the three numbers
-    random_fraction: float = Field(0.01, ge=0.0, le=1.0)  # docs with >= 3 numbers let through anyway
+    # docs with >= 3 numbers let through anyway
+    random_fraction: float = Field(0.01, ge=0.0, le=1.0)
 
 
 @register
@@ -221,7 +223,8 @@ class Calculator(Tool):
 
 # -- pre-filter (appendix A.1) ---------------------------------------------------------------------
 
-# "=", "equals", "equal to", "total of", "average of" followed by a number (a currency sign allowed).
+# "=", "equals", "equal to", "total of", "average of" followed by a number (a currency sign
+# allowed).
 _KEYWORD_RE = re.compile(r"(?:=|\bequals\b|\bequal to\b|\btotal of\b|\baverage of\b)\s*[$\u20ac\u00a3\u00a5]?\s*"
                          r"[-\u2212]?\.?[0-9]", re.IGNORECASE)
 _TEXT_NUMBER_RE = re.compile(r"(?<![\w.,])([0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.([0-9]+))?(?![\w])(%?)")
@@ -249,9 +252,9 @@ def text_numbers(text: str) -> list[tuple[Fraction, int, int, int]]:
 
 
 def has_arithmetic_triple(numbers: list[tuple[Fraction, int, int, int]], window: int = 100) -> bool:
-    """Are there three numbers within `window` tokens where one is a + b, a - b, a * b or a / b of the
-    other two? A written quotient may be rounded (400 / 1400 = 0.29). Identities (x * 1, x + 0, x - x, x / x)
-    do not count: any text with a "1" and a repeated number would pass otherwise.
+    """Are there three numbers within `window` tokens where one is a + b, a - b, a * b or a / b of
+    the other two? A written quotient may be rounded (400 / 1400 = 0.29). Identities (x * 1, x + 0,
+    x - x, x / x) do not count: any text with a "1" and a repeated number would pass otherwise.
 
     Candidates are found with float keys (fast) and confirmed with exact Fractions.
     """
@@ -303,8 +306,9 @@ def has_arithmetic_triple(numbers: list[tuple[Fraction, int, int, int]], window:
 
 
 def calculator_prefilter(text: str, doc_id: str, window: int = 100, random_fraction: float = 0.01) -> bool:
-    """Appendix A.1: an arithmetic triple within `window` whitespace tokens, or a keyword followed by a
-    number; plus a deterministic `random_fraction` of the documents that merely have >= 3 numbers."""
+    """Appendix A.1: an arithmetic triple within `window` whitespace tokens, or a keyword followed
+    by a number; plus a deterministic `random_fraction` of the documents that merely have >= 3
+    numbers."""
     if _KEYWORD_RE.search(text):
         return True
     numbers = text_numbers(text)

@@ -1,14 +1,15 @@
 """MT: translate a non-English phrase to English with an NLLB-style seq2seq model.
 
 The paper used NLLB-200 (600M, distilled). The model is a configured directory (`options.model`: a
-local directory or s3:// URI with config.json, tokenizer files and .safetensors weights), loaded with
-AutoModelForSeq2SeqLM; point it at facebook/nllb-200-distilled-600M saved with `save_pretrained` (see
-docs/tools.md). The source language comes from py3langid; with an NLLB tokenizer it is set as `src_lang`
-and generation starts with the `eng_Latn` token (forced BOS), as NLLB expects. No PyPI package ships such
-a model in its files, so the tests run this same code on a tiny random model of the NLLB architecture.
+local directory or s3:// URI with config.json, tokenizer files and .safetensors weights), loaded
+with AutoModelForSeq2SeqLM; point it at facebook/nllb-200-distilled-600M saved with
+`save_pretrained` (see docs/tools.md). The source language comes from py3langid; with an NLLB
+tokenizer it is set as `src_lang` and generation starts with the `eng_Latn` token (forced BOS), as
+NLLB expects. No PyPI package ships such a model in its files, so the tests run this same code on a
+tiny random model of the NLLB architecture.
 
-The pre-filter (appendix A.1) keeps English documents that contain a chunk in another language between
-English text.
+The pre-filter (appendix A.1) keeps English documents that contain a chunk in another language
+between English text.
 """
 from __future__ import annotations
 
@@ -72,8 +73,8 @@ def identify(text: str) -> list[tuple[str, float]]:
 
 
 def source_language(text: str, english_threshold: float = 0.9) -> tuple[str | None, str]:
-    """(NLLB source code, reason): the most probable non-English language that NLLB knows; None with a
-    reason when the text is confidently English or in no language NLLB knows."""
+    """(NLLB source code, reason): the most probable non-English language that NLLB knows; None with
+    a reason when the text is confidently English or in no language NLLB knows."""
     ranked = identify(text)
     if not ranked:
         return None, "language not identified"
@@ -86,7 +87,8 @@ def source_language(text: str, english_threshold: float = 0.9) -> tuple[str | No
     return None, f"language {ranked[0][0]!r} is not one the translation model knows"
 
 
-# Chunks for the pre-filter: split at sentence punctuation, quotes, brackets, dashes and line breaks.
+# Chunks for the pre-filter: split at sentence punctuation, quotes, brackets, dashes and line
+# breaks.
 _CHUNK_SPLIT_RE = re.compile(r"[.!?;:()\[\]{}\"\u201c\u201d\u00ab\u00bb\u201e]+|\s[-\u2013\u2014]+\s|\n+")
 
 
@@ -95,7 +97,8 @@ def text_chunks(text: str) -> list[str]:
 
 
 def mt_prefilter(text: str, min_chunk_letters: int = 8, min_confidence: float = 0.8) -> bool:
-    """Appendix A.1: a chunk confidently in another language, with English text before and after it."""
+    """Appendix A.1: a chunk confidently in another language, with English text before and after
+    it."""
     chunks = [c for c in text_chunks(text) if sum(ch.isalpha() for ch in c) >= 3]
     if len(chunks) < 3:
         return False
@@ -117,7 +120,8 @@ class MTOptions(ToolOptions):
     max_new_tokens: int = Field(64, gt=0)
     num_beams: int = Field(1, gt=0)  # greedy by default (deterministic, cheap)
     batch_size: int = Field(8, gt=0)
-    english_threshold: float = Field(0.9, gt=0.0, le=1.0)  # inputs at least this surely English: no result
+    # inputs at least this surely English: no result
+    english_threshold: float = Field(0.9, gt=0.0, le=1.0)
     model_cache_dir: str | None = None  # where a remote model is downloaded
     # "auto" = the GPU this worker has (tools.MT.worker_gpus), else the CPU; "cuda" without CUDA is
     # an error.
@@ -180,7 +184,8 @@ class MT(Tool):
         for i, lang in enumerate(src_langs):
             by_lang.setdefault(lang, []).append(i)
         results: list[str] = [""] * len(texts)
-        # One batch per source language: an NLLB tokenizer writes src_lang as the first source token.
+        # One batch per source language: an NLLB tokenizer writes src_lang as the first source
+        # token.
         for lang, idxs in sorted(by_lang.items()):
             if hasattr(tok, "src_lang"):
                 tok.src_lang = lang

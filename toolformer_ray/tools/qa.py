@@ -1,12 +1,12 @@
-"""QA: retrieve passages with the WikiSearch index, then read them with a small causal LM and return a
-short answer span.
+"""QA: retrieve passages with the WikiSearch index, then read them with a small causal LM and return
+a short answer span.
 
-The paper used Atlas (a retrieval-augmented seq2seq reader fine-tuned on Natural Questions). Atlas is not
-to be had here (no hub, and an 11B reader would dwarf the model being taught); a retrieve-then-read
-pipeline with the same BM25 index and a small instruction-tuned LM keeps Atlas's shape (retrieve, then
-answer from the passages) with parts that run on a CPU worker. The reader is prompted with two short
-worked examples so that it answers with a span, greedily, for a few tokens; the answer is the first line,
-first clause of that, capped at a few words.
+The paper used Atlas (a retrieval-augmented seq2seq reader fine-tuned on Natural Questions). Atlas
+is not to be had here (no hub, and an 11B reader would dwarf the model being taught); a
+retrieve-then-read pipeline with the same BM25 index and a small instruction-tuned LM keeps Atlas's
+shape (retrieve, then answer from the passages) with parts that run on a CPU worker. The reader is
+prompted with two short worked examples so that it answers with a span, greedily, for a few tokens;
+the answer is the first line, first clause of that, capped at a few words.
 """
 from __future__ import annotations
 

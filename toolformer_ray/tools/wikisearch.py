@@ -1,7 +1,8 @@
 """WikiSearch: BM25 over a passage collection, returning a short snippet of the best passage(s).
 
-The paper used a BM25 retriever over the KILT Wikipedia dump and returned short snippets. Here the index
-is built once by `toolformer-ray index` (see search_index.py) and loaded lazily by each worker.
+The paper used a BM25 retriever over the KILT Wikipedia dump and returned short snippets. Here the
+index is built once by `toolformer-ray index` (see search_index.py) and loaded lazily by each
+worker.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from toolformer_ray.tools.search_index import load_index, make_snippet
 
 
 class WikiSearchOptions(ToolOptions):
-    index: str = "runs/index/passages"  # directory written by `toolformer-ray index` (local or s3://)
+    # directory written by `toolformer-ray index` (local or s3://)
+    index: str = "runs/index/passages"
     top_k: int = Field(1, gt=0, le=20)  # passages in the result, best first
     snippet_chars: int = Field(200, gt=20)  # per passage: the paper returns short snippets
     max_query_chars: int = Field(300, gt=0)
