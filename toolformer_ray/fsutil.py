@@ -39,7 +39,8 @@ def sha256_file(path, fs=None, h=None):
     return h
 
 
-def publish_dir(tmp: Path, target: Path, replace: bool = False, marker: str = "revision.json") -> None:
+def publish_dir(tmp: Path, target: Path, replace: bool = False,
+                marker: str = "revision.json") -> None:
     """Rename a finished temporary directory into place; a concurrent writer that got there first
     wins (its directory holds `marker`)."""
     if replace and target.exists():

@@ -28,8 +28,8 @@ class CalcError(ValueError):
 
 
 # Operator spellings accepted as conveniences: "3 x 4", "3 × 4", "8 ÷ 2", a typographic minus.
-_OPS = {"+": "+", "-": "-", "\u2212": "-", "\u2013": "-", "*": "*", "x": "*", "X": "*", "\u00d7": "*",
-        "\u22c5": "*", "\u00b7": "*", "/": "/", "\u00f7": "/", "(": "(", ")": ")"}
+_OPS = {"+": "+", "-": "-", "\u2212": "-", "\u2013": "-", "*": "*", "x": "*", "X": "*",
+        "\u00d7": "*", "\u22c5": "*", "\u00b7": "*", "/": "/", "\u00f7": "/", "(": "(", ")": ")"}
 # A number: thousands-grouped (1,000 or 12,345.5) or plain (12, 12.5, .5, 12.). ASCII digits only.
 _NUMBER_RE = re.compile(r"[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]+)?|[0-9]+\.?[0-9]*|\.[0-9]+")
 
@@ -75,7 +75,8 @@ class _Parser:
 
     def __init__(self, tokens, max_depth: int, max_abs: Fraction, max_bits: int, deadline: float):
         self.tokens, self.pos = tokens, 0
-        self.max_depth, self.max_abs, self.max_bits, self.deadline = max_depth, max_abs, max_bits, deadline
+        self.max_depth, self.max_abs, self.max_bits, self.deadline = (max_depth, max_abs, max_bits,
+                                                                      deadline)
         self.depth = 0
 
     def peek(self):
@@ -225,9 +226,11 @@ class Calculator(Tool):
 
 # "=", "equals", "equal to", "total of", "average of" followed by a number (a currency sign
 # allowed).
-_KEYWORD_RE = re.compile(r"(?:=|\bequals\b|\bequal to\b|\btotal of\b|\baverage of\b)\s*[$\u20ac\u00a3\u00a5]?\s*"
+_KEYWORD_RE = re.compile(r"(?:=|\bequals\b|\bequal to\b|\btotal of\b|\baverage of\b)"
+                         r"\s*[$\u20ac\u00a3\u00a5]?\s*"
                          r"[-\u2212]?\.?[0-9]", re.IGNORECASE)
-_TEXT_NUMBER_RE = re.compile(r"(?<![\w.,])([0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.([0-9]+))?(?![\w])(%?)")
+_TEXT_NUMBER_RE = re.compile(r"(?<![\w.,])([0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)"
+                             r"(?:\.([0-9]+))?(?![\w])(%?)")
 _MAX_PREFILTER_NUMBERS = 400  # a table of thousands of numbers is judged on its first ones
 
 
@@ -280,7 +283,8 @@ def has_arithmetic_triple(numbers: list[tuple[Fraction, int, int, int]], window:
                 continue
             fb = floats[q]
             used, lo, hi = (occ_a, occ_b), tok_b - window + 1, tok_a + window - 1
-            ops = [(fa + fb, lambda: a + b), (abs(fa - fb), lambda: abs(a - b)), (fa * fb, lambda: a * b)]
+            ops = [(fa + fb, lambda: a + b), (abs(fa - fb), lambda: abs(a - b)),
+                   (fa * fb, lambda: a * b)]
             quotients = []
             if a != b:
                 if fb:
@@ -296,7 +300,8 @@ def has_arithmetic_triple(numbers: list[tuple[Fraction, int, int, int]], window:
             for approx, exact in quotients:  # a written quotient rounded to 1-3 decimals
                 for dec, table in by_decimals.items():
                     scale = 10 ** dec
-                    for key in {math.floor(approx * scale) / scale, math.ceil(approx * scale) / scale}:
+                    for key in {math.floor(approx * scale) / scale,
+                                math.ceil(approx * scale) / scale}:
                         for idx in table.get(round(key, dec), ()):
                             c = numbers[idx][0]
                             if (in_window(idx, used, lo, hi) and c not in (0, a, b)
@@ -305,7 +310,8 @@ def has_arithmetic_triple(numbers: list[tuple[Fraction, int, int, int]], window:
     return False
 
 
-def calculator_prefilter(text: str, doc_id: str, window: int = 100, random_fraction: float = 0.01) -> bool:
+def calculator_prefilter(text: str, doc_id: str, window: int = 100,
+                         random_fraction: float = 0.01) -> bool:
     """Appendix A.1: an arithmetic triple within `window` whitespace tokens, or a keyword followed
     by a number; plus a deterministic `random_fraction` of the documents that merely have >= 3
     numbers."""

@@ -89,7 +89,8 @@ def source_language(text: str, english_threshold: float = 0.9) -> tuple[str | No
 
 # Chunks for the pre-filter: split at sentence punctuation, quotes, brackets, dashes and line
 # breaks.
-_CHUNK_SPLIT_RE = re.compile(r"[.!?;:()\[\]{}\"\u201c\u201d\u00ab\u00bb\u201e]+|\s[-\u2013\u2014]+\s|\n+")
+_CHUNK_SPLIT_RE = re.compile(r"[.!?;:()\[\]{}\"\u201c\u201d\u00ab\u00bb\u201e]+"
+                             r"|\s[-\u2013\u2014]+\s|\n+")
 
 
 def text_chunks(text: str) -> list[str]:
@@ -107,7 +108,8 @@ def mt_prefilter(text: str, min_chunk_letters: int = 8, min_confidence: float = 
     english = [lang == "en" for lang, _ in labels]
     for i in range(1, len(chunks) - 1):
         lang, prob = labels[i]
-        if (lang != "en" and prob >= min_confidence and sum(ch.isalpha() for ch in chunks[i]) >= min_chunk_letters
+        if (lang != "en" and prob >= min_confidence
+                and sum(ch.isalpha() for ch in chunks[i]) >= min_chunk_letters
                 and any(english[:i]) and any(english[i + 1:])):
             return True
     return False
@@ -160,24 +162,30 @@ class MT(Tool):
             raise UserError(f"MT: unknown dtype {self.options.dtype!r}")
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
-            model = AutoModelForSeq2SeqLM.from_pretrained(str(model_dir), dtype=dtypes[self.options.dtype],
-                                                          use_safetensors=True, trust_remote_code=False)
+            model = AutoModelForSeq2SeqLM.from_pretrained(str(model_dir),
+                                                          dtype=dtypes[self.options.dtype],
+                                                          use_safetensors=True,
+                                                          trust_remote_code=False)
         except (OSError, ValueError, KeyError) as e:
-            raise UserError(f"MT: cannot load a seq2seq model from {self.options.model}: {e}") from None
+            raise UserError(f"MT: cannot load a seq2seq model from "
+                            f"{self.options.model}: {e}") from None
         model.to(device)
         model.eval()
         self._model = model
 
     def _phrase(self, inp) -> str | None:
         text = unquote(inp) if isinstance(inp, str) else ""
-        return text if text and len(text) <= self.options.max_chars and any(c.isalpha() for c in text) else None
+        return (text if text and len(text) <= self.options.max_chars
+                and any(c.isalpha() for c in text) else None)
 
     def _translate(self, texts: list[str], src_langs: list[str]) -> list[str]:
         import torch
 
         tok, model = self._tokenizer, self._model
-        forced_bos = tok.convert_tokens_to_ids(TARGET_LANG) if TARGET_LANG in tok.get_vocab() else None
-        kwargs = dict(max_new_tokens=self.options.max_new_tokens, num_beams=self.options.num_beams, do_sample=False)
+        forced_bos = (tok.convert_tokens_to_ids(TARGET_LANG) if TARGET_LANG in tok.get_vocab()
+                      else None)
+        kwargs = dict(max_new_tokens=self.options.max_new_tokens, num_beams=self.options.num_beams,
+                      do_sample=False)
         if forced_bos is not None:
             kwargs["forced_bos_token_id"] = forced_bos
         by_lang: dict[str, list[int]] = {}
@@ -191,8 +199,8 @@ class MT(Tool):
                 tok.src_lang = lang
             for start in range(0, len(idxs), self.options.batch_size):
                 chunk = idxs[start:start + self.options.batch_size]
-                enc = tok([texts[i] for i in chunk], return_tensors="pt", padding=True, truncation=True,
-                          max_length=256)
+                enc = tok([texts[i] for i in chunk], return_tensors="pt", padding=True,
+                          truncation=True, max_length=256)
                 with torch.inference_mode():
                     generated = model.generate(**enc.to(model.device), **kwargs)
                 for i, text in zip(chunk, tok.batch_decode(generated, skip_special_tokens=True)):
@@ -221,7 +229,8 @@ class MT(Tool):
     def diagnose(self, inp: str, date: str | None = None) -> str | None:
         phrase = self._phrase(inp)
         if phrase is None:
-            return f"no text to translate (empty, no letters, or longer than {self.options.max_chars} characters)"
+            return (f"no text to translate (empty, no letters, or longer than "
+                    f"{self.options.max_chars} characters)")
         src, reason = source_language(phrase, self.options.english_threshold)
         if src is None:
             return reason

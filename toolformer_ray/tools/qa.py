@@ -21,11 +21,13 @@ from toolformer_ray.tools.search_index import load_index
 # Two worked examples teach the format "a few words, no sentence" to a small reader.
 READER_PROMPT = """Answer each question with a few words taken from its context.
 
-Context: The Eiffel Tower is a wrought-iron lattice tower in Paris, France. It was designed by the company of Gustave Eiffel and completed in 1889.
+Context: The Eiffel Tower is a wrought-iron lattice tower in Paris, France. It was designed by the \
+company of Gustave Eiffel and completed in 1889.
 Question: When was the Eiffel Tower completed?
 Answer: 1889
 
-Context: Marie Curie was a Polish and naturalised-French physicist and chemist who conducted pioneering research on radioactivity.
+Context: Marie Curie was a Polish and naturalised-French physicist and chemist who conducted \
+pioneering research on radioactivity.
 Question: What did Marie Curie research?
 Answer: radioactivity
 
@@ -119,7 +121,8 @@ class QA(Tool):
             # Left padding, so every row's next token is generated at the same position.
             dev = model.device
             input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=dev)
-            attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=dev)
+            attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids],
+                                     device=dev)
             with torch.inference_mode():
                 gen = model.generate(input_ids=input_ids, attention_mask=attention, do_sample=False,
                                      max_new_tokens=self.options.max_new_tokens, pad_token_id=pad)

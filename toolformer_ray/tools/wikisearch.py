@@ -69,5 +69,6 @@ class WikiSearch(Tool):
         if len(q) > self.options.max_query_chars:
             return f"query longer than {self.options.max_query_chars} characters"
         if self.run([inp])[0] is None:
-            return f"no passage in the index ({len(self.index)} passages) matches any word of the query"
+            return (f"no passage in the index ({len(self.index)} passages) "
+                    "matches any word of the query")
         return None
