@@ -91,19 +91,26 @@ def main() -> None:
     times["eval"] = time.time() - t
     tuned = Path(ft.model_dir).name
     dist = {k: EVAL_SETS[k][1] for k in kinds}
-    print(outcome_markdown(outcome_rows(report.rows, dist, cfg.model.path, tuned)))
+    table = outcome_rows(report.rows, dist, cfg.model.path, tuned)
+    print(outcome_markdown(table))
     print("\nThe fine-tuned model on held-out problems (tools on; the call and its result inline):")
-    for text in transcripts(cfg.eval.output, tuned, "one_step", k=2) + \
-            transcripts(cfg.eval.output, tuned, "compound", k=1):
+    shown = (transcripts(cfg.eval.output, tuned, "one_step", k=2)
+             + transcripts(cfg.eval.output, tuned, "compound", k=1))
+    for text in shown:
         print("\n" + text)
 
+    times["total"] = time.time() - t0
+    summary = {"timings_s": {k: round(v, 1) for k, v in times.items()}, "kept": gen.calls_kept,
+               "table": table, "transcripts": shown, "config": args.config,
+               "overrides": args.overrides}
+    (Path(cfg.eval.output) / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     banner(f"done in {time.time() - t0:.0f} s")
     print("\n".join([
-        "timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()),
+        "timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items() if k != "total"),
         f"augmented corpus + calls: {gen.output}",
         f"run report:               {gen.report}",
         f"fine-tuned model:         {ft.model_dir}",
-        f"evaluation:               {cfg.eval.output}/results.md",
+        f"evaluation:               {cfg.eval.output}/results.md (demo_summary.json)",
         f"next: toolformer-ray infer --model {ft.model_dir} \"What is 27 times 14?\" "
         "--tool Calculator",
     ]))
