@@ -1,7 +1,7 @@
 """Does the pipeline's own output teach the default model to use the calculator on problems unlike
 its training text?  `make learning-outcome` runs it; every step resumes where it stopped.
 
-    .venv/bin/python benchmarks/learning_outcome.py [--work runs/learning_outcome] [--rounds 2]
+    .venv/bin/python benchmarks/learning_outcome.py [--work runs/learning_outcome] [--rounds 1]
 
 1. input: generated arithmetic prose (toolformer_ray/evaluation/arithmetic.py: narratives, receipts,
    worked explanations; never the evaluation prompts' "Question: ... Answer:" form) plus the
@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--generated", type=int, default=240, help="generated documents per round")
     ap.add_argument("--corpus-docs", type=int, default=16,
                     help="pre-filtered corpus documents per round")
-    ap.add_argument("--rounds", type=int, default=1, choices=[1, 2])
+    ap.add_argument("--rounds", type=int, default=2, choices=[1, 2])
     ap.add_argument("--eval-n", type=int, default=100, help="examples per evaluation set")
     ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: config)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="key.path=value")
